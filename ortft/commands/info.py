@@ -1,0 +1,62 @@
+"""`ortft info BUNDLE`: a short human summary of a bundle (model, adapters, sizes)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return str(num_bytes)
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    model = manifest["model"]
+    adapter = manifest["adapter"]
+    trainable = manifest["num_trainable_parameters"]
+    total = trainable + manifest["num_frozen_parameters"]
+    source = manifest["source"]
+    lines = [
+        f"model        {source['architecture']} ({source['model_type']}) from {source['path']}"
+        + (f" [{source['gguf_file']}]" if source.get("gguf_file") else ""),
+        f"task         {manifest['task']}" + (f"  labels: {', '.join(manifest['labels'])}" if manifest.get("labels") else ""),
+        f"size         {model['num_layers']} layers, hidden {model['hidden_size']}, vocab {model['vocab_size']}, max seq {model['max_seq_len']}",
+        f"parameters   {total:,} total, {trainable:,} trainable ({100.0 * trainable / max(total, 1):.3f}%)",
+        f"adapter      {adapter['type']} r={adapter['rank']} alpha={adapter['alpha']:g} scale={adapter['scale']:.4g}"
+        f" dropout={adapter['dropout']:g}{' rslora' if adapter['rslora'] else ''}",
+        f"targets      {', '.join(adapter['targets'])}",
+        f"layers       {_layer_span(adapter['layers'], model['num_layers'])}",
+        f"optimizer    AdamW weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
+        f"created      {manifest['created']} with ortft {manifest['versions']['ortft']}, onnxruntime {manifest['versions']['onnxruntime']}",
+        "files:",
+    ]
+    for rel, facts in sorted(manifest["files"].items()):
+        lines.append(f"  {rel:40s} {_size(facts['bytes']):>10s}")
+    lines.append(f"  {'total':40s} {_size(sum(f['bytes'] for f in manifest['files'].values())):>10s}")
+    return lines
+
+
+def _layer_span(layers: list[int], total: int) -> str:
+    if len(layers) == total:
+        return f"all {total}"
+    return f"{len(layers)} of {total} ({min(layers)}-{max(layers)})"
+
+
+@click.command("info")
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def command(bundle, as_json):
+    """Summarise BUNDLE: model, parameter counts, adapter settings and file sizes."""
+    from ..manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    for line in summary_lines(manifest):
+        click.echo(line)

@@ -1,0 +1,59 @@
+"""`ortft prepare`: the host command that turns a model into a LoRA training bundle."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import TASKS, PrepareConfig
+from ..errors import UserError
+
+_defaults = PrepareConfig()
+
+
+@click.command("prepare")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(), help="The bundle folder to create.")
+@click.option("--gguf-file", default=None, help="The .gguf file inside MODEL (when MODEL is a folder).")
+@click.option("--task", type=click.Choice(TASKS), default=_defaults.task, show_default=True)
+@click.option("--num-labels", type=int, default=None, help="Number of classes (seq-cls).")
+@click.option("--labels", "label_names", default=None, help="Comma-separated class names (seq-cls), e.g. negative,positive.")
+@click.option("--rank", type=int, default=_defaults.rank, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=_defaults.alpha, show_default=True, help="LoRA alpha (scale = alpha / r).")
+@click.option("--dropout", type=float, default=_defaults.dropout, show_default=True, help="LoRA dropout.")
+@click.option("--targets", default=_defaults.targets, show_default=True,
+              help="all-linear, or comma-separated module names such as q_proj,v_proj.")
+@click.option("--layers", type=int, default=None, help="Adapt only the last N transformer layers.")
+@click.option("--dora", is_flag=True, help="Weight-decomposed LoRA (DoRA): trains a magnitude vector too.")
+@click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
+@click.option("--adapter", type=click.Path(), default=None, help="Start from an existing PEFT LoRA adapter folder.")
+@click.option("--max-seq-len", type=int, default=_defaults.max_seq_len, show_default=True)
+@click.option("--weight-decay", type=float, default=_defaults.weight_decay, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=float, default=_defaults.max_grad_norm, show_default=True,
+              help="Clip the adapters' gradient norm (0 turns clipping off).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store graph weights as ONNX external data (default: only past 2 GB).")
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")
+def command(model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
+            rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, seed, force, verbose):
+    """Turn MODEL (a Hugging Face folder or a .gguf file) into a LoRA training bundle.
+
+    Only the adapter weights (LoRA A/B, DoRA magnitudes, a classifier head) are trainable; every base
+    weight is frozen. Needs the [prepare] extra (torch, transformers, peft, optimum).
+    """
+    try:
+        from ..prepare.pipeline import prepare_bundle
+    except ImportError as exc:
+        raise UserError(
+            f"`ortft prepare` needs the host extra: {exc}",
+            hint="pip install 'ortft[prepare]' on a workstation; devices only need `ortft train`",
+        ) from exc
+    config = PrepareConfig(
+        model=model, out=out, gguf_file=gguf_file, task=task, num_labels=num_labels,
+        labels=[name.strip() for name in label_names.split(",")] if label_names else None,
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, dora=dora, rslora=rslora,
+        adapter=adapter, max_seq_len=max_seq_len, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        external_data=external_data, seed=seed, force=force, verbose=verbose,
+    )
+    prepare_bundle(config)

@@ -1,0 +1,83 @@
+"""Dataclasses that are the single source of defaults for every command's settings.
+
+The CLI builds one of these from its options (and, for training, a YAML file); the library
+functions take them. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TASKS = ("causal-lm", "seq-cls")
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of `ortft prepare`: which model, which adapters, which optimizer."""
+
+    model: str = ""
+    out: str = ""
+    gguf_file: str | None = None
+    task: str = "causal-lm"
+    num_labels: int | None = None
+    labels: list[str] | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "all-linear"
+    layers: int | None = None
+    dora: bool = False
+    rslora: bool = False
+    adapter: str | None = None
+    max_seq_len: int = 2048
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    learning_rate_hint: float = 2e-4
+    opset: int = 17
+    seed: int = 0
+    external_data: bool | None = None  # None: only when the graph would pass ONNX's 2 GB limit
+    inference_template: bool = True
+    force: bool = False
+    verbose: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `ortft train`; `ortft train --config run.yaml` holds the same keys."""
+
+    bundle: str = ""
+    data: str = ""
+    out: str = ""
+    valid: str | None = None
+    valid_fraction: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup: int = 10
+    mask_prompt: bool | None = None  # None: on for prompt/completion and chat data
+    pack: bool = False
+    eval_every: int = 50
+    save_every: int = 50
+    keep: int = 3
+    resume: bool = False
+    seed: int = 0
+    threads: int | None = None
+    provider: str = "cpu"
+    max_eval_batches: int | None = None
+    verbose: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)

@@ -1,0 +1,22 @@
+"""The shape every graph pass has: `call(model)` returns a PassResult saying what changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PassResult:
+    model: object  # onnx.ModelProto
+    modified: bool
+    count: int = 0
+
+
+class GraphPass:
+    """Base class: subclasses implement `call(model) -> PassResult`."""
+
+    def call(self, model) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, model) -> PassResult:
+        return self.call(model)

@@ -1,0 +1,98 @@
+"""The bundle contract: write, read and verify manifest.json (see docs/bundle-format.md).
+
+The device trusts nothing the manifest does not vouch for: every file's size and sha256 is
+recorded and checked before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import BundleError
+from .fsutil import sha256_file, write_json_atomic
+
+MANIFEST_NAME = "manifest.json"
+BUNDLE_FORMAT = "ortft-bundle"
+FORMAT_VERSION = 1
+
+
+def list_files(root: Path) -> list[str]:
+    """Relative paths of every file under `root` except the manifest, sorted."""
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != MANIFEST_NAME:
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in list_files(root)}
+
+
+def write_manifest(root: Path, manifest: dict) -> dict:
+    """Record every file of `root` in `manifest['files']` and write manifest.json atomically."""
+    manifest = dict(manifest)
+    manifest["files"] = file_table(root)
+    write_json_atomic(root / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def manifest_digest(root: Path) -> str:
+    """sha256 of manifest.json: identifies a bundle (it covers every file's hash)."""
+    return hashlib.sha256((Path(root) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dict:
+    """Load and sanity-check manifest.json of a bundle folder, with user errors for what is wrong."""
+    root = Path(root)
+    if not root.exists():
+        raise BundleError(f"{root} does not exist", hint="pass a folder made by `ortft prepare`")
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a folder", hint="pass a folder made by `ortft prepare`")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{root} has no {MANIFEST_NAME}", hint="pass a complete folder made by `ortft prepare`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})", hint="the bundle is damaged: prepare it again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        raise BundleError(f"{path} is not an {expected_format} manifest", hint="pass a folder made by `ortft prepare`")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format_version {manifest.get('format_version')}, newer than this ortft understands",
+            hint="upgrade ortft on this device",
+        )
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> list[str]:
+    """Problems with the files the manifest lists (missing, wrong size, wrong hash); empty if none."""
+    problems = []
+    for rel, facts in sorted(manifest.get("files", {}).items()):
+        path = Path(root) / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != facts.get("bytes"):
+            problems.append(f"{rel}: {size} bytes, manifest says {facts.get('bytes')}")
+            continue
+        if check_hashes and sha256_file(path) != facts.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def load_verified(root: Path | str, check_hashes: bool = True) -> dict:
+    """read_manifest + verify_files; a damaged bundle is a BundleError listing what is wrong."""
+    manifest = read_manifest(root)
+    problems = verify_files(Path(root), manifest, check_hashes)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise BundleError(f"bundle {root} is damaged: {shown}", hint="prepare the bundle again or copy it anew")
+    return manifest

@@ -1,0 +1,266 @@
+"""`prepare_bundle(config)`: model folder or GGUF -> LoRA training bundle, written atomically.
+
+Stages: resolve and check the source, load it, export the inference template (causal LM),
+inject adapters, export the loss graph, generate ORT artifacts, save the tokenizer, write the
+manifest. Everything goes into a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..config import TASKS, PrepareConfig
+from ..errors import ConfigError
+from ..fsutil import check_output_dir, staged_dir
+from ..manifest import BUNDLE_FORMAT, FORMAT_VERSION, write_manifest
+from . import adapters, artifacts, source as sources
+from .architectures import architecture_for
+
+log = logging.getLogger(__name__)
+
+
+class StageReporter:
+    """Prints `[i/n] stage ... seconds` lines to stderr so the user sees where prepare is."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total = total
+        self.index = 0
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def stage(self, title: str):
+        reporter = self
+
+        class _Stage:
+            def __enter__(self):
+                reporter.index += 1
+                self.t0 = time.perf_counter()
+                if not reporter.quiet:
+                    click.echo(f"[{reporter.index}/{reporter.total}] {title} ...", err=True, nl=False)
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                seconds = time.perf_counter() - self.t0
+                reporter.timings[title] = round(seconds, 2)
+                if not reporter.quiet:
+                    click.echo(f" {'done' if exc_type is None else 'failed'} ({seconds:.1f} s)", err=True)
+                return False
+
+        return _Stage()
+
+
+def _check_task(config: PrepareConfig) -> list[str] | None:
+    if config.task not in TASKS:
+        raise ConfigError(f"--task {config.task} is unknown", hint=f"choose one of {', '.join(TASKS)}")
+    if config.task == "seq-cls":
+        labels = config.labels
+        if labels is None:
+            if not config.num_labels or config.num_labels < 2:
+                raise ConfigError("--task seq-cls needs --num-labels N (N >= 2) or --labels a,b,...")
+            labels = [f"LABEL_{i}" for i in range(config.num_labels)]
+        if config.num_labels and config.num_labels != len(labels):
+            raise ConfigError(f"--num-labels {config.num_labels} disagrees with {len(labels)} names in --labels")
+        if len(set(labels)) != len(labels) or len(labels) < 2:
+            raise ConfigError("--labels must name at least two distinct classes")
+        return labels
+    return None
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "ortft": __version__,
+        "python": platform.python_version(),
+        "onnxruntime": version("onnxruntime-training-cpu") or version("onnxruntime-training"),
+        "onnx": version("onnx"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "optimum": version("optimum"),
+    }
+
+
+def _model_facts(model, config, max_seq_len: int) -> dict:
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return {
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "num_layers": int(getattr(config, "num_hidden_layers", 0) or 0),
+        "hidden_size": hidden,
+        "vocab_size": int(config.vocab_size),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", heads) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0)),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "max_seq_len": int(min(max_seq_len, getattr(config, "max_position_embeddings", max_seq_len) or max_seq_len)),
+        "bos_token_id": getattr(config, "bos_token_id", None),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": getattr(config, "pad_token_id", None),
+    }
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    for leftover in ("vocab.txt", "merges.txt", "vocab.json", "added_tokens.json"):
+        # The device reads tokenizer.json only; slow-tokenizer files would just take space.
+        if (folder / "tokenizer.json").is_file() and (folder / leftover).exists():
+            (folder / leftover).unlink()
+    template = getattr(tokenizer, "chat_template", None)
+    template_file = folder / "chat_template.jinja"
+    if isinstance(template, str) and template and not template_file.exists():
+        template_file.write_text(template, encoding="utf-8")
+    return {
+        "dir": "tokenizer",
+        "chat_template": "tokenizer/chat_template.jinja" if template_file.exists() else None,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+    }
+
+
+def _graph_io(model) -> dict:
+    from onnx import TensorProto
+
+    def describe(value):
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": TensorProto.DataType.Name(tensor.elem_type).lower(), "shape": dims}
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
+    """Build the bundle described by `config` at `config.out`; returns the manifest."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(0 if config.verbose else 3)
+    labels = _check_task(config)
+    out = Path(config.out)
+    check_output_dir(out, config.force)
+    source = sources.resolve_source(config.model, config.gguf_file)
+    if config.adapter is None:
+        adapters.check_settings(config)
+    causal = config.task == "causal-lm"
+    reporter = StageReporter(total=8 if causal else 7, quiet=quiet)
+
+    with reporter.stage("reading the model config"):
+        hf_config = sources.load_config(source)
+        arch = architecture_for(hf_config.model_type, config.task, source.display)
+        if labels:
+            hf_config.id2label = dict(enumerate(labels))
+            hf_config.label2id = {name: i for i, name in enumerate(labels)}
+    with reporter.stage(f"loading {source.display}"):
+        model = sources.load_model(source, hf_config, config.task, len(labels) if labels else None, config.seed)
+        tokenizer = sources.load_tokenizer(source)
+        weights_sha256 = source.weights_sha256()
+
+    with staged_dir(out, force=config.force) as stage_dir:
+        work_dir = stage_dir / ".work"
+        work_dir.mkdir()
+        inference_section = None
+        if causal and config.inference_template:
+            with reporter.stage("exporting the inference template (KV cache)"):
+                from .inference import export_inference_template
+
+                inference_section = export_inference_template(model, stage_dir / "inference", opset=config.opset)
+        with reporter.stage("injecting adapters"):
+            peft_model = adapters.inject(model, config, arch, config.task)
+            trainable = adapters.describe_trainable(peft_model)
+            adapter_section = adapters.adapter_settings(peft_model, config)
+        with reporter.stage("exporting the training graph"):
+            from .onnx_export import export_training_graph
+
+            loss_model = export_training_graph(
+                peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose
+            )
+            patched = artifacts.prepare_loss_graph(loss_model)
+            graph_io = _graph_io(loss_model)
+        with reporter.stage("generating ORT training artifacts"):
+            artifacts.generate(
+                loss_model,
+                [entry["name"] for entry in trainable],
+                stage_dir,
+                config.weight_decay,
+                config.max_grad_norm,
+                config.external_data,
+                work_dir,
+                config.verbose,
+            )
+            trainable_names = {entry["name"] for entry in trainable}
+            frozen = [init.name for init in loss_model.graph.initializer if init.name not in trainable_names]
+            del loss_model
+        with reporter.stage("saving the tokenizer"):
+            tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
+        with reporter.stage("writing the manifest"):
+            shutil.rmtree(work_dir)
+            facts = _model_facts(model, hf_config, config.max_seq_len)
+            if facts["pad_token_id"] is None and tokenizer.pad_token_id is not None:
+                facts["pad_token_id"] = tokenizer.pad_token_id
+            num_trainable = int(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
+            num_total = int(sum(p.numel() for p in peft_model.parameters()))
+            manifest = {
+                "format": BUNDLE_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+                "source": {
+                    "path": str(Path(source.folder).resolve()),
+                    "gguf_file": source.gguf_file,
+                    "architecture": facts["architecture"],
+                    "model_type": facts["model_type"],
+                    "weights_sha256": weights_sha256,
+                },
+                "task": config.task,
+                "labels": labels,
+                "model": facts,
+                "adapter": adapter_section,
+                "optimizer": {
+                    "name": "adamw",
+                    "weight_decay": config.weight_decay,
+                    "max_grad_norm": config.max_grad_norm,
+                    "betas": [0.9, 0.999],
+                    "eps": 1e-6,
+                },
+                "trainable": trainable,
+                "frozen": frozen,
+                "num_trainable_parameters": num_trainable,
+                "num_frozen_parameters": num_total - num_trainable,
+                "graph": graph_io,
+                "graph_patches": {"optional_outputs_added": patched},
+                "tokenizer": tokenizer_section,
+                "inference": inference_section,
+                "prepare": {"command": " ".join(sys.argv), "config": config.to_dict(), "timings_s": reporter.timings},
+            }
+            manifest = write_manifest(stage_dir, manifest)
+    if not quiet:
+        click.echo(
+            f"bundle ready: {out}  ({num_trainable:,} trainable of {num_total:,} parameters, "
+            f"{100.0 * num_trainable / max(num_total, 1):.2f}%; {time.perf_counter() - reporter.started:.1f} s)",
+            err=True,
+        )
+    return manifest

@@ -1,0 +1,143 @@
+"""The one module that touches onnxruntime's training API, imported without torch.
+
+`import onnxruntime.training.api` runs `onnxruntime/training/__init__.py`, which imports the
+`optim` subpackage, which imports torch; on a device without torch that import fails. We register a
+bare namespace module for `onnxruntime.training` whose `__path__` is the real folder, so Python
+finds `onnxruntime.training.api` (Module, Optimizer, CheckpointState) without running that
+`__init__`. With torch installed the real package would also work, but costs ~1.4 s to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from functools import lru_cache
+
+
+def _register_torch_free_training_package() -> None:
+    """Make `onnxruntime.training` a bare namespace package before onnxruntime is first imported.
+
+    `import onnxruntime` itself probes `onnxruntime.training.ortmodule` (in capi/onnxruntime_validation),
+    which imports torch wherever torch is installed. Registering the namespace first, and marking
+    `ortmodule` (the PyTorch front end we never use) as absent, keeps torch out of the process.
+    """
+    if "onnxruntime.training" in sys.modules:
+        return
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
+    training_dir = os.path.join(list(spec.submodule_search_locations)[0], "training")
+    if not os.path.isdir(os.path.join(training_dir, "api")):
+        raise ImportError(
+            "onnxruntime has no training API: install onnxruntime-training-cpu==1.19.2 "
+            "(and not plain onnxruntime, which conflicts with it)"
+        )
+    namespace = types.ModuleType("onnxruntime.training")
+    namespace.__path__ = [training_dir]
+    namespace.__package__ = "onnxruntime.training"
+    sys.modules["onnxruntime.training"] = namespace
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # None: "import fails", as without torch
+
+
+def onnxruntime_module() -> types.ModuleType:
+    """`import onnxruntime`, without letting it import torch. Device code imports ORT only through here."""
+    if "onnxruntime" not in sys.modules:
+        _register_torch_free_training_package()
+    import onnxruntime
+
+    return onnxruntime
+
+
+@lru_cache(maxsize=1)
+def training_api() -> types.ModuleType:
+    """Return `onnxruntime.training.api` (Module, Optimizer, CheckpointState), loaded without torch."""
+    onnxruntime_module()
+    return importlib.import_module("onnxruntime.training.api")
+
+
+def set_log_level(verbose: bool) -> None:
+    """Keep ORT quiet (errors only) unless the user asked for verbose output."""
+    ort = onnxruntime_module()
+    ort.set_default_logger_severity(0 if verbose and os.environ.get("ORTFT_ORT_VERBOSE") else (2 if verbose else 3))
+
+
+def session_options(threads: int | None = None, verbose: bool = False):
+    """SessionOptions with the thread count and log level ortft uses everywhere."""
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 2 if verbose else 3
+    return options
+
+
+class TrainingSession:
+    """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
+
+    `checkpoint` defaults to the bundle's own; `device` is "cpu" or "cuda[:N]" (ORT's training API
+    trains on those only; see ortft/providers.py).
+    """
+
+    def __init__(self, bundle_dir, checkpoint=None, device: str = "cpu", threads: int | None = None,
+                 verbose: bool = False, with_optimizer: bool = True):
+        from pathlib import Path
+
+        api = training_api()
+        set_log_level(verbose)
+        bundle_dir = Path(bundle_dir)
+        self.bundle_dir = bundle_dir
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else bundle_dir / "checkpoint"
+        self.state = api.CheckpointState.load_checkpoint(str(self.checkpoint_path))
+        self.module = api.Module(
+            str(bundle_dir / "training_model.onnx"),
+            self.state,
+            str(bundle_dir / "eval_model.onnx"),
+            device=device,
+            session_options=session_options(threads, verbose),
+        )
+        self.optimizer = api.Optimizer(str(bundle_dir / "optimizer_model.onnx"), self.module) if with_optimizer else None
+        self._api = api
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.module.input_names())
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.module.output_names())
+
+    def _feed(self, batch: dict):
+        return [batch[name] for name in self.input_names]
+
+    def train_step_forward_backward(self, batch: dict):
+        """Forward and backward on one micro-batch (gradients accumulate until reset); returns outputs."""
+        self.module.train()
+        return self.module(*self._feed(batch))
+
+    def optimizer_step(self, learning_rate: float) -> None:
+        self.optimizer.set_learning_rate(float(learning_rate))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def evaluate(self, batch: dict):
+        self.module.eval()
+        return self.module(*self._feed(batch))
+
+    def parameter(self, name: str):
+        return self.state.parameters[name].data
+
+    def set_parameter(self, name: str, value) -> None:
+        self.state.parameters[name] = value
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _parameter in self.state.parameters]
+
+    def trainable_names(self) -> list[str]:
+        return [name for name, parameter in self.state.parameters if parameter.requires_grad]
+
+    def save(self, path, include_optimizer_state: bool = True) -> None:
+        self._api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=include_optimizer_state)
