@@ -57,8 +57,11 @@ def disk_error(exc: OSError, target: Path) -> DiskWriteError:
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, and rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), _default_mode(directory=False))
@@ -116,8 +119,8 @@ def staged_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     check_output_dir(final, force)
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + final.name + "-", dir=final.parent))
         os.chmod(tmp, _default_mode(directory=True))
     except OSError as exc:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from . import loss_graph
+from .activations import export_friendly_activations
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, op
         dynamic_axes["labels"] = {0: "batch"}
         dynamic_axes["logits"] = {0: "batch"}
     base = peft_model.get_base_model()
-    with warnings.catch_warnings(), export_patches(base):
+    with warnings.catch_warnings(), export_patches(base), export_friendly_activations(base):
         if not verbose:
             warnings.simplefilter("ignore")
         torch.onnx.export(

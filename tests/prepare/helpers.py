@@ -1,0 +1,87 @@
+"""Test helpers: prepare tiny bundles in-process and compare ORT's losses with PyTorch+PEFT's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ortft.config import PrepareConfig
+
+
+def prepare_tiny(model_dir: Path, out: Path, **settings) -> dict:
+    from ortft.prepare.pipeline import prepare_bundle
+
+    config = PrepareConfig(model=str(model_dir), out=str(out), rank=settings.pop("rank", 4), alpha=settings.pop("alpha", 8), **settings)
+    return prepare_bundle(config, quiet=True)
+
+
+def batch_for(manifest: dict, batch: int = 2, seq: int = 12, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    vocab = manifest["model"]["vocab_size"]
+    input_ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
+    attention_mask = np.ones((batch, seq), dtype=np.int64)
+    attention_mask[-1, -3:] = 0  # right padding on the last row
+    result = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if manifest["task"] == "causal-lm":
+        result["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        labels = input_ids.copy()
+        labels[:, :3] = -100
+        labels[attention_mask == 0] = -100
+        result["labels"] = labels
+    else:
+        result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch,), dtype=np.int64)
+    return result
+
+
+def randomize_adapters(session, manifest: dict, seed: int = 2) -> dict[str, np.ndarray]:
+    """Give every trainable tensor random values (B != 0), in the ORT checkpoint state; return them."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for entry in manifest["trainable"]:
+        current = session.parameter(entry["name"])
+        if entry["role"] == "magnitude":
+            value = current * rng.uniform(0.8, 1.2, size=current.shape).astype(np.float32)
+        else:
+            value = (rng.standard_normal(current.shape) * 0.05).astype(np.float32)
+        session.set_parameter(entry["name"], value)
+        values[entry["name"]] = value
+    return values
+
+
+def torch_peft_model(manifest: dict, model_dir: Path, adapter_values: dict[str, np.ndarray] | None):
+    """The same model in PyTorch + PEFT, with the adapter tensors set to `adapter_values`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    adapter = manifest["adapter"]
+    torch.manual_seed(manifest["prepare"]["config"]["seed"])
+    if manifest["task"] == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
+    else:
+        labels = manifest["labels"]
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=len(labels), attn_implementation="eager"
+        )
+    config = LoraConfig(
+        r=adapter["rank"], lora_alpha=adapter["alpha"], target_modules=adapter["targets"],
+        layers_to_transform=adapter["layers_to_transform"], use_dora=adapter["type"] == "dora",
+        use_rslora=adapter["rslora"], modules_to_save=adapter["modules_to_save"] or None,
+    )
+    peft_model = get_peft_model(model, config)
+    if adapter_values:
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, value in adapter_values.items():
+                params[name].copy_(torch.from_numpy(value))
+    peft_model.eval()
+    return peft_model
+
+
+def torch_loss(peft_model, batch: dict) -> float:
+    import torch
+
+    with torch.no_grad():
+        inputs = {name: torch.from_numpy(value) for name, value in batch.items()}
+        return float(peft_model(**inputs).loss)

@@ -1,0 +1,130 @@
+"""ortft prepare on tiny random models of every supported architecture: the bundle is right."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ortft.manifest import load_verified
+from ortft.runtime import TrainingSession
+from ortft.validate import validate_bundle
+
+from .helpers import batch_for, prepare_tiny, randomize_adapters, torch_loss, torch_peft_model
+
+ARCHITECTURES = [
+    ("llama", "causal-lm", {}),
+    ("mistral", "causal-lm", {}),
+    ("qwen2", "causal-lm", {}),
+    ("phi3", "causal-lm", {}),
+    ("gemma", "causal-lm", {}),
+    ("llama", "seq-cls", {"num_labels": 2}),
+    ("bert", "seq-cls", {"num_labels": 2}),
+]
+
+
+@pytest.mark.parametrize("model_type,task,extra", ARCHITECTURES, ids=[f"{a}-{t}" for a, t, _ in ARCHITECTURES])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_eval_loss_equals_pytorch_peft(tiny_model_factory, tmp_path, model_type, task, extra, dora):
+    model_dir = tiny_model_factory(model_type, "seq-cls" if task == "seq-cls" else "causal-lm")
+    manifest = prepare_tiny(model_dir, tmp_path / "bundle", task=task, dora=dora, **extra)
+    session = TrainingSession(tmp_path / "bundle", threads=1)
+    values = randomize_adapters(session, manifest)
+    batch = batch_for(manifest)
+    outputs = session.evaluate(batch)
+    ort_loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
+    reference = torch_loss(torch_peft_model(manifest, model_dir, values), batch)
+    assert abs(ort_loss - reference) <= 1e-4 * abs(reference), (ort_loss, reference)
+
+
+def _closed_form_lora_count(linear_shapes: list[tuple[int, int]], rank: int, dora: bool) -> int:
+    return sum(rank * (fan_in + fan_out) + (fan_out if dora else 0) for fan_in, fan_out in linear_shapes)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_trainable_count_matches_closed_form(tiny_llama, tmp_path, dora):
+    manifest = prepare_tiny(tiny_llama, tmp_path / "b", rank=8, dora=dora)
+    h, inter, kv = 64, 128, 2 * 16  # tiny config: hidden 64, MLP 128, 2 KV heads of 16
+    per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    expected = 2 * _closed_form_lora_count(per_layer, 8, dora)
+    assert manifest["num_trainable_parameters"] == expected
+    assert sum(int(np.prod(e["shape"])) for e in manifest["trainable"]) == expected
+
+
+def test_layers_adapts_only_the_last_layers(tiny_model_factory, tmp_path):
+    model_dir = tiny_model_factory("llama", num_hidden_layers=4)
+    manifest = prepare_tiny(model_dir, tmp_path / "b", layers=1, targets="q_proj,v_proj")
+    layers = {int(e["module"].split(".layers.")[1].split(".")[0]) for e in manifest["trainable"]}
+    assert layers == {3}
+    assert {e["module"].rsplit(".", 1)[1] for e in manifest["trainable"]} == {"q_proj", "v_proj"}
+    assert manifest["adapter"]["layers"] == [3]
+
+
+def test_manifest_describes_bundle(tiny_llama, tmp_path):
+    manifest = prepare_tiny(tiny_llama, tmp_path / "b")
+    assert load_verified(tmp_path / "b")["files"] == manifest["files"]
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+                 "tokenizer/tokenizer.json", "inference/model.onnx"):
+        assert name in manifest["files"]
+    assert manifest["versions"]["onnxruntime"] == "1.19.2"
+    assert manifest["source"]["weights_sha256"]
+    entry = manifest["trainable"][0]
+    assert entry["peft_key"] == entry["name"].replace(".default", "")
+    assert [i["name"] for i in manifest["graph"]["inputs"]] == ["input_ids", "attention_mask", "position_ids", "labels"]
+    assert all(i["dtype"] == "int64" for i in manifest["graph"]["inputs"])
+    assert not any(e["name"] in manifest["frozen"] for e in manifest["trainable"])
+
+
+def test_validate_passes_and_detects_tampering(tiny_llama, tmp_path):
+    prepare_tiny(tiny_llama, tmp_path / "b")
+    report = validate_bundle(tmp_path / "b", threads=1)
+    assert report.ok, report.checks
+    with open(tmp_path / "b" / "eval_model.onnx", "ab") as handle:
+        handle.write(b"x")
+    from ortft.errors import BundleError
+
+    with pytest.raises(BundleError, match="eval_model.onnx"):
+        validate_bundle(tmp_path / "b", threads=1)
+
+
+def test_forced_external_data_bundle_trains(tiny_llama, tmp_path):
+    manifest = prepare_tiny(tiny_llama, tmp_path / "b", external_data=True)
+    report = validate_bundle(tmp_path / "b", threads=1)
+    assert report.ok, report.checks
+    assert manifest["files"]
+
+
+def test_adapter_import_matches_peft(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), attn_implementation="eager")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    manifest = prepare_tiny(tiny_llama, tmp_path / "b", adapter=str(tmp_path / "adapter"))
+    assert manifest["adapter"]["rank"] == 4 and manifest["adapter"]["alpha"] == 16
+    session = TrainingSession(tmp_path / "b", threads=1)
+    batch = batch_for(manifest)
+    ort_loss = float(np.asarray(session.evaluate(batch)))
+    peft_model.eval()
+    assert abs(ort_loss - torch_loss(peft_model, batch)) <= 1e-4 * ort_loss
+
+
+def test_info_json_round_trips(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from ortft.cli import cli
+
+    prepare_tiny(tiny_llama, tmp_path / "b")
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "trainable" in result.output and "lora r=4" in result.output
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "b"), "--json"])
+    assert json.loads(result.output)["format"] == "ortft-bundle"
