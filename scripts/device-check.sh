@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Device-only check: a second environment .venv-device with ortft's core dependencies only
+# (no torch, transformers, peft, optimum) runs the device commands on a bundle the host made.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DEV=.venv-device
+stamp="$DEV/.ortft-setup-stamp"
+want=$(cat pyproject.toml scripts/device-check.sh | sha256sum | cut -d' ' -f1)
+if [ ! -x "$DEV/bin/python" ]; then
+  "$PYTHON" -m venv "$DEV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$DEV/bin/python" -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
+  echo "$want" > "$stamp"
+fi
+
+for host_only in torch transformers peft optimum; do
+  if "$DEV/bin/python" -c "import $host_only" 2>/dev/null; then
+    echo "[device-check] FAIL: $host_only is installed in $DEV" >&2; exit 1
+  fi
+done
+"$DEV/bin/python" -c "import ortft, ortft.cli, ortft.runtime; ortft.runtime.training_api()"
+"$DEV/bin/ortft" --help >/dev/null
+"$DEV/bin/ortft" doctor
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# The host makes a tiny model and its bundle; the device environment does the rest.
+.venv/bin/python -m ortft.prepare.tiny "$work/model" >/dev/null
+.venv/bin/ortft prepare "$work/model" --out "$work/bundle" --rank 4 --alpha 8 2>/dev/null
+"$DEV/bin/ortft" validate "$work/bundle"
+"$DEV/bin/ortft" info "$work/bundle" >/dev/null
+for cmd in train eval export generate; do
+  if "$DEV/bin/ortft" --help | grep -q "^  $cmd "; then :; else echo "[device-check] note: 'ortft $cmd' not available yet"; fi
+done
+if [ -f data/sft/train.jsonl ] && "$DEV/bin/ortft" --help | grep -q "^  train "; then
+  "$DEV/bin/ortft" train "$work/bundle" --data data/sft/train.jsonl --valid data/sft/valid.jsonl --out "$work/run" \
+    --steps 4 --batch-size 2 --seq-len 64 --eval-every 2 --save-every 2 --max-eval-batches 2
+  "$DEV/bin/ortft" eval "$work/run" --data data/sft/valid.jsonl --batch-size 2 --json
+  "$DEV/bin/ortft" export "$work/run" --out "$work/export"
+  "$DEV/bin/ortft" export "$work/run" --out "$work/peft" --format peft
+  "$DEV/bin/ortft" generate "$work/export" --prompt "Hello" --max-new-tokens 8
+fi
+echo "[device-check] ok: device commands ran without torch/transformers"

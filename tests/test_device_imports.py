@@ -1,0 +1,56 @@
+"""The device side never imports torch, transformers, peft or optimum (only ortft.prepare may)."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import ortft
+
+HOST_ONLY = ("torch", "transformers", "peft", "optimum")
+
+
+def device_modules() -> list[str]:
+    names = []
+    for info in pkgutil.walk_packages(ortft.__path__, prefix="ortft."):
+        if info.name.startswith("ortft.prepare"):
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(f'device code imported host-only module {{name}}')
+        return None
+sys.meta_path.insert(0, Blocker())
+import importlib
+for module in {modules!r}:
+    importlib.import_module(module)
+from ortft.runtime import training_api
+training_api()
+leaked = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)
+assert not leaked, leaked
+print('ok', len({modules!r}))
+"""
+
+
+def test_device_modules_import_without_host_libraries():
+    modules = device_modules()
+    assert "ortft.runtime" in modules and "ortft.cli" in modules
+    code = BLOCKER.format(blocked=HOST_ONLY, modules=modules)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+def test_blocker_would_catch_a_host_import():
+    code = BLOCKER.format(blocked=HOST_ONLY, modules=["ortft.prepare.source", "ortft.prepare.activations"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "host-only module torch" in result.stderr
