@@ -1,0 +1,33 @@
+"""`ortft eval`: loss and perplexity (or accuracy) of a bundle or a trained run on JSONL data."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("eval")
+@click.argument("bundle_or_run", type=click.Path())
+@click.option("--data", required=True, help="Evaluation data (JSONL).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--checkpoint", default="latest", show_default=True, help="For a run: latest, best, or a checkpoint folder.")
+@click.option("--mask-prompt/--no-mask-prompt", default=None, help="As in training (default: on for prompt/chat data).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with loss, perplexity/accuracy, tokens.")
+def command(bundle_or_run, data, batch_size, seq_len, checkpoint, mask_prompt, threads, as_json):
+    """Evaluate BUNDLE_OR_RUN on --data: loss and perplexity (accuracy for seq-cls)."""
+    from ..evaluate import evaluate_path
+
+    record = evaluate_path(bundle_or_run, data, batch_size=batch_size, seq_len=seq_len, checkpoint=checkpoint,
+                           threads=threads, mask_prompt=mask_prompt)
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    click.echo(f"loss        {record['loss']:.4f}")
+    if "perplexity" in record:
+        click.echo(f"perplexity  {record['perplexity']:.3f}")
+    else:
+        click.echo(f"accuracy    {record['accuracy']:.4f}")
+    click.echo(f"tokens      {record['tokens']}  ({record['examples']} examples; {record['checkpoint']})")

@@ -1,0 +1,109 @@
+"""`ortft train`: fine-tune a bundle's adapters on JSONL data on this device (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..schedule import SCHEDULES
+
+_defaults = TrainConfig()
+
+
+def load_yaml_config(path: str) -> dict:
+    """The options of a run.yaml, with dashes or underscores in their names."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    known = {f.name for f in fields(TrainConfig)}
+    result = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown option '{key}'", hint=f"known options: {', '.join(sorted(known))}")
+        result[name] = value
+    return result
+
+
+def build_config(ctx: click.Context, values: dict) -> TrainConfig:
+    """Defaults < --config file < flags given on the command line."""
+    merged = {}
+    if values.get("config"):
+        merged.update(load_yaml_config(values["config"]))
+    for name, value in values.items():
+        if name in ("config", "stop_after"):
+            continue
+        source = ctx.get_parameter_source(name)
+        if source == click.core.ParameterSource.COMMANDLINE or name not in merged:
+            merged[name] = value
+    config = TrainConfig(**{k: v for k, v in merged.items() if k in {f.name for f in fields(TrainConfig)}})
+    if values.get("stop_after"):
+        config.extra["stop_after"] = values["stop_after"]
+    if not config.data:
+        raise ConfigError("no training data: give --data train.jsonl (or data: in --config)")
+    if not config.out:
+        raise ConfigError("no run folder: give --out RUN_DIR (or out: in --config)")
+    return config
+
+
+@click.command("train")
+@click.argument("bundle", type=click.Path())
+@click.option("--data", default=None, help="Training data (JSONL).")
+@click.option("--out", default=None, help="The run folder (checkpoints, metrics, adapter).")
+@click.option("--valid", default=None, help="Validation data (JSONL).")
+@click.option("--valid-fraction", type=float, default=None, help="Hold out this fraction of --data for validation.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps to train (default: one epoch).")
+@click.option("--epochs", type=float, default=None, help="Epochs to train instead of --steps.")
+@click.option("--batch-size", type=int, default=_defaults.batch_size, show_default=True)
+@click.option("--grad-accum", type=int, default=_defaults.grad_accum, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seq-len", type=int, default=_defaults.seq_len, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--lr", type=float, default=_defaults.lr, show_default=True, help="Peak learning rate.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_defaults.schedule, show_default=True)
+@click.option("--warmup", type=int, default=_defaults.warmup, show_default=True, help="Linear warm-up steps.")
+@click.option("--mask-prompt/--no-mask-prompt", default=None, help="Learn only completions / assistant turns (default: on for those formats).")
+@click.option("--pack", is_flag=True, default=False, help="Pack several examples into each row (see docs/data.md).")
+@click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True)
+@click.option("--max-eval-batches", type=int, default=None, help="Evaluate on at most this many batches.")
+@click.option("--save-every", type=int, default=_defaults.save_every, show_default=True)
+@click.option("--keep", type=int, default=_defaults.keep, show_default=True, help="Checkpoints to keep (the best is kept too).")
+@click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out.")
+@click.option("--stop-after", type=int, default=None, help="Stop (and save) after this step, as if interrupted; --resume continues.")
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True)
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
+@click.option("--provider", default=_defaults.provider, show_default=True, help="Execution provider for training: cpu or cuda.")
+@click.option("--config", "config", type=click.Path(), default=None, help="A YAML file with these options; flags override it.")
+@click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
+@click.pass_context
+def command(ctx, bundle, **values):
+    """Fine-tune BUNDLE's adapters on --data; checkpoints and metrics go to --out."""
+    from ..train import train
+
+    config = build_config(ctx, values)
+    config.bundle = bundle
+    summary = train(config)
+    best = summary["best_eval_loss"]
+    first = summary["first_eval_loss"]
+    click.echo(
+        f"{'finished' if summary['finished'] else 'stopped'} at step {summary['step']}/{summary['total_steps']}: "
+        f"train loss {summary['final_train_loss']:.4f}"
+        + (f", eval loss {first:.4f} -> best {best:.4f} (step {summary['best_step']})" if best is not None and first is not None else "")
+        + (f", best eval loss {best:.4f}" if best is not None and first is None else "")
+        + f"; {summary['tokens_per_s']:.0f} tokens/s, {summary['train_seconds']:.1f} s training, peak RSS {summary['peak_rss_mb']:.0f} MB",
+        err=True,
+    )
+    if not summary["finished"]:
+        click.echo(f"resume with: ortft train {bundle} --out {config.out} --data {config.data} --resume", err=True)
+    click.echo(f"run: {config.out}", err=True)

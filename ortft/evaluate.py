@@ -1,0 +1,51 @@
+"""`evaluate_path`: loss and perplexity (or accuracy) of a bundle or a run's checkpoint on JSONL data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import run as runs
+from .data import DataConfig, load_dataset
+from .threads import default_threads
+from .train import evaluate
+from .validate import require_valid
+
+
+def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq_len: int = 512,
+                  checkpoint: str = "latest", threads: int | None = None, mask_prompt: bool | None = None,
+                  max_batches: int | None = None) -> dict:
+    """Evaluate a bundle (its initial adapters) or a run (its `checkpoint`) on `data`."""
+    from .runtime import TrainingSession
+    from .tokenizer import load_tokenizer
+
+    target = Path(target)
+    checkpoint_file = None
+    if runs.is_run_dir(target):
+        run_info = runs.read_run(target)
+        bundle = Path(run_info["bundle"])
+        folder = runs.resolve_checkpoint(target, checkpoint)
+        checkpoint_file = folder / runs.ORT_CHECKPOINT
+    else:
+        bundle = target
+    manifest = require_valid(bundle)
+    if runs.is_run_dir(target):
+        from .manifest import manifest_digest
+        from .errors import RunError
+
+        if manifest_digest(bundle) != run_info.get("bundle_manifest_sha256"):
+            raise RunError(f"the bundle {bundle} changed since run {target} was trained", hint="evaluate with the run's own bundle")
+    task = manifest["task"]
+    seq_len = min(seq_len, int(manifest["model"]["max_seq_len"]))
+    tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
+    config = DataConfig(seq_len=seq_len, batch_size=batch_size, seed=0, task=task, mask_prompt=mask_prompt,
+                        label_names=manifest.get("labels"), shuffle=False)
+    dataset = load_dataset(data, tokenizer, config)
+    session = TrainingSession(bundle, checkpoint=checkpoint_file, threads=threads or default_threads(), with_optimizer=False)
+    result = evaluate(session, dataset, config, task, max_batches)
+    record = {"loss": result.loss, "tokens": result.tokens, "examples": result.examples,
+              "checkpoint": str(checkpoint_file.parent) if checkpoint_file else "bundle"}
+    if result.accuracy is None:
+        record["perplexity"] = result.perplexity
+    else:
+        record["accuracy"] = result.accuracy
+    return record
