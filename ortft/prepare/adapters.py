@@ -167,9 +167,13 @@ def _hf_module(name: str) -> str:
 
 def describe_trainable(peft_model) -> list[dict]:
     """One manifest entry per trainable tensor: graph name, PEFT key, shape, role, module, base weight."""
+    import warnings
+
     from peft import get_peft_model_state_dict
 
-    peft_state = get_peft_model_state_dict(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Could not find a config file ...": irrelevant for key names
+        peft_state = get_peft_model_state_dict(peft_model)
     key_by_pointer = {tensor.data_ptr(): key for key, tensor in peft_state.items()}
     entries = []
     for name, param in peft_model.named_parameters():

@@ -8,6 +8,7 @@ manifest. Everything goes into a temporary folder that is renamed into place onl
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import platform
 import shutil
@@ -200,6 +201,16 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             )
             patched = artifacts.prepare_loss_graph(loss_model)
             graph_io = _graph_io(loss_model)
+        with reporter.stage("saving the tokenizer"):
+            tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
+        facts = _model_facts(model, hf_config, config.max_seq_len)
+        if facts["pad_token_id"] is None and tokenizer.pad_token_id is not None:
+            facts["pad_token_id"] = tokenizer.pad_token_id
+        num_trainable = int(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
+        num_total = int(sum(p.numel() for p in peft_model.parameters()))
+        # The torch model is no longer needed: free it before ORT builds the gradient graph (peak RSS).
+        del peft_model, model
+        gc.collect()
         with reporter.stage("generating ORT training artifacts"):
             artifacts.generate(
                 loss_model,
@@ -214,15 +225,9 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             trainable_names = {entry["name"] for entry in trainable}
             frozen = [init.name for init in loss_model.graph.initializer if init.name not in trainable_names]
             del loss_model
-        with reporter.stage("saving the tokenizer"):
-            tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
+            gc.collect()
         with reporter.stage("writing the manifest"):
             shutil.rmtree(work_dir)
-            facts = _model_facts(model, hf_config, config.max_seq_len)
-            if facts["pad_token_id"] is None and tokenizer.pad_token_id is not None:
-                facts["pad_token_id"] = tokenizer.pad_token_id
-            num_trainable = int(sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
-            num_total = int(sum(p.numel() for p in peft_model.parameters()))
             manifest = {
                 "format": BUNDLE_FORMAT,
                 "format_version": FORMAT_VERSION,

@@ -1,0 +1,78 @@
+"""`ortft generate`: complete a prompt or chat with a merged export, a bundle's base model, or a run folder.
+
+Text streams to stdout; speed (tokens/s) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..generate import SamplingSettings
+from ..providers import provider_option
+
+_defaults = SamplingSettings()
+
+
+@click.command("generate")
+@click.argument("model_dir", metavar="EXPORT_DIR_OR_RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", default=None, help="The text to continue (with --chat: the user's message).")
+@click.option("--chat", is_flag=True, help="Use the chat template; without --prompt, read one message per line from stdin.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=_defaults.temperature, show_default=True,
+              help="0 picks the most likely token (greedy).")
+@click.option("--top-k", type=click.IntRange(min=0), default=_defaults.top_k, show_default=True, help="0 keeps every token.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=_defaults.top_p, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=_defaults.repetition_penalty,
+              show_default=True)
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True)
+@click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
+@provider_option()
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Compute threads (default: physical cores).")
+@click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
+def command(model_dir, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, checkpoint,
+            provider, threads, verbose) -> None:
+    """Generate text with EXPORT_DIR_OR_RUN (a merged-onnx export, a run folder or a bundle)."""
+    if prompt is None and not chat:
+        raise click.UsageError("give --prompt TEXT, or --chat for an interactive chat")
+    from ..generate import open_generator
+
+    settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    generator = open_generator(model_dir, checkpoint=checkpoint, provider=provider, threads=threads, verbose=verbose)
+    if not chat:
+        _print_stream(generator, generator.stream_text(prompt, settings))
+    elif prompt is not None:
+        _print_stream(generator, generator.stream_chat([{"role": "user", "content": prompt}], settings))
+    else:
+        _interactive_chat(generator, settings)
+
+
+def _print_stream(generator, pieces) -> str:
+    reply = []
+    for piece in pieces:
+        reply.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    click.echo(generator.stats.summary(), err=True)
+    return "".join(reply)
+
+
+def _interactive_chat(generator, settings: SamplingSettings) -> None:
+    """One user message per stdin line until EOF; the conversation so far is the context."""
+    messages: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _print_stream(generator, generator.stream_chat(messages, settings))
+        messages.append({"role": "assistant", "content": reply})
