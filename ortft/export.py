@@ -6,8 +6,6 @@ Device side: numpy, onnx, safetensors only. Every output folder is staged and re
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from . import run as runs
 from .errors import BundleError, RunError
 from .fsutil import check_output_dir, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from .manifest import MANIFEST_NAME, manifest_digest, read_manifest, verify_files
@@ -27,7 +26,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_DIR = "tokenizer"
 ADAPTER_FILE = "adapter.safetensors"
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 NUMPY_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64}
 
 
@@ -68,63 +66,21 @@ def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = "latest") -> R
 
 
 def _read_run_json(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is not a folder", hint="pass a run folder made by `ortft train`")
-    if not path.is_file():
-        raise RunError(f"{run_dir} has no run.json", hint="pass a run folder made by `ortft train`")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"{path} is not valid JSON ({exc})", hint="the run folder is damaged") from exc
+    info = runs.read_run(run_dir)
     if not isinstance(info, dict) or not info.get("bundle"):
-        raise RunError(f"{path} does not name its bundle", hint="the run folder is damaged")
+        raise RunError(f"{run_dir / runs.RUN_FILE} does not name its bundle", hint="the run folder is damaged")
     return info
 
 
 def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Path]:
-    if checkpoint == "latest":
-        folder = _latest_checkpoint(run_dir)
-    elif checkpoint == "best":
-        folder = _best_checkpoint(run_dir)
-    else:
+    """A checkpoint folder (verified against its recorded hashes) and its adapter; or a bare adapter file."""
+    if checkpoint not in ("latest", "best"):
         path = Path(checkpoint)
-        if not path.is_absolute() and not path.exists():
-            path = run_dir / path
-        if path.is_file():
-            return None, path
-        folder = path
-    adapter_path = folder / ADAPTER_FILE
-    if not adapter_path.is_file():
-        raise RunError(f"checkpoint {folder} has no {ADAPTER_FILE}", hint="pick another --checkpoint (latest, best or a path)")
-    return folder, adapter_path
-
-
-def _latest_checkpoint(run_dir: Path) -> Path:
-    found = []
-    checkpoints_dir = run_dir / "checkpoints"
-    if checkpoints_dir.is_dir():
-        for child in checkpoints_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(child.name)
-            if match and (child / ADAPTER_FILE).is_file():
-                found.append((int(match.group(1)), child))
-    if not found:
-        raise RunError(
-            f"run {run_dir} has no checkpoint with {ADAPTER_FILE}",
-            hint="train until at least one checkpoint is saved (see --save-every), then export",
-        )
-    return max(found)[1]
-
-
-def _best_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / "best.json"
-    if not path.is_file():
-        raise RunError(f"run {run_dir} has no best checkpoint (no best.json)", hint="use --checkpoint latest, or train with evaluation")
-    try:
-        relative = json.loads(path.read_text(encoding="utf-8"))["checkpoint"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RunError(f"{path} is damaged ({exc})", hint="use --checkpoint latest") from exc
-    return run_dir / relative
+        candidate = path if path.is_absolute() or path.exists() else run_dir / path
+        if candidate.is_file():
+            return None, candidate
+    folder = runs.resolve_checkpoint(run_dir, checkpoint)
+    return folder, folder / runs.ADAPTER_FILE
 
 
 # ---- adapters ------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def resolve_checkpoint(run_dir: Path | str, which: str = "latest") -> Path:
     if which == "latest":
         folder = newest_valid_checkpoint(run_dir)
         if folder is None:
-            raise RunError(f"run {run_dir} has no valid checkpoint", hint="train longer (checkpoints come every --save-every steps and at the end)")
+            raise RunError(f"run {run_dir} has no checkpoint to use (none saved yet, or every one damaged)", hint="train longer (checkpoints come every --save-every steps and at the end)")
         return folder
     if which == "best":
         best_path = run_dir / BEST_FILE

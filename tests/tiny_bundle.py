@@ -78,21 +78,20 @@ def build_bundle(folder: Path, model_type: str = "llama", dora: bool = False, ra
 
 
 def make_run(run_dir: Path, bundle: TinyBundle, steps: tuple[int, ...] = (10,), best_step: int | None = None) -> Path:
-    """RUN_DIR/run.json + checkpoints/step-NNNNNNNN/adapter.safetensors (+ best.json)."""
-    from safetensors.numpy import save_file
+    """RUN_DIR/run.json + checkpoints/step-NNNNNNNN (written by ortft.run, with hashes) (+ best.json).
 
+    The ORT checkpoint slot holds a placeholder file: export reads only the adapter.
+    """
+    from ortft import run as runs
     from ortft.manifest import manifest_digest
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run_info = {"bundle": str(bundle.bundle_dir.resolve()), "bundle_manifest_sha256": manifest_digest(bundle.bundle_dir)}
     (run_dir / "run.json").write_text(json.dumps(run_info), encoding="utf-8")
     for step in steps:
-        checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
-        checkpoint.mkdir(parents=True)
-        save_file({name: np.ascontiguousarray(value) for name, value in bundle.adapter.items()}, str(checkpoint / "adapter.safetensors"))
-        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
-    if best_step is not None:
-        (run_dir / "best.json").write_text(json.dumps({"checkpoint": f"checkpoints/step-{best_step:08d}"}), encoding="utf-8")
+        folder = runs.write_checkpoint(run_dir, step, lambda path: path.write_bytes(b"placeholder"), bundle.adapter, {"step": step})
+        if step == best_step:
+            runs.write_best(run_dir, folder, step, 1.0)
     return run_dir
 
 

