@@ -72,6 +72,7 @@ class TrainConfig:
     threads: int | None = None
     provider: str = "cpu"
     max_eval_batches: int | None = None
+    init_adapter: str | None = None  # start from these adapter weights (safetensors, graph names)
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -81,3 +82,15 @@ class TrainConfig:
 
 def as_path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+@dataclass
+class SamplingSettings:
+    """How `ortft generate` picks the next token; temperature 0 is greedy (argmax)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0

@@ -14,23 +14,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .config import SamplingSettings  # noqa: F401  (defaults live in ortft.config)
 from .errors import BundleError
 
 logger = logging.getLogger(__name__)
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-@dataclass
-class SamplingSettings:
-    """How to pick the next token; temperature 0 is greedy (argmax). Defaults of `ortft generate`."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
 
 
 @dataclass

@@ -224,6 +224,16 @@ def _seed_ort(seed: int) -> None:
         setter(int(seed))
 
 
+def load_initial_adapter(session, manifest: dict, path: Path) -> None:
+    """Set the trainable tensors from a safetensors file (e.g. a global adapter in federated training)."""
+    from .export import check_adapter, load_adapter
+
+    adapter = load_adapter(path)
+    check_adapter(manifest, adapter, where=str(path))
+    for entry in manifest["trainable"]:
+        session.set_parameter(entry["name"], np.ascontiguousarray(adapter[entry["name"]], dtype=np.float32))
+
+
 def train(config: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training as `config` says; returns the summary also written to summary.json."""
     from .providers import training_device
@@ -289,7 +299,10 @@ def train(config: TrainConfig, quiet: bool = False) -> dict:
                               device=device, threads=threads, verbose=config.verbose)
     _seed_ort(config.seed + start_step)
     trainable = [entry["name"] for entry in manifest["trainable"]]
-    metrics = MetricsLog(run_dir / runs.METRICS_FILE, keep_through_step=start_step if resume_state else 0)
+    if config.init_adapter and not resume_state:
+        load_initial_adapter(session, manifest, Path(config.init_adapter))
+    # A resume keeps the records up to its checkpoint; a run that starts (over) at step 0 keeps none.
+    metrics = MetricsLog(run_dir / runs.METRICS_FILE, keep_through_step=start_step if resume_state else -1)
 
     def adapter_now() -> dict[str, np.ndarray]:
         return {name: session.parameter(name) for name in trainable}
@@ -305,6 +318,7 @@ def train(config: TrainConfig, quiet: bool = False) -> dict:
             "bundle_manifest_sha256": bundle_digest,
             "data_sha256": data_sha,
             "best": best,
+            "first_eval_loss": first_eval.loss if first_eval else None,
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         folder = runs.write_checkpoint(run_dir, step, lambda path: session.save(path, include_optimizer_state=True), adapter_now(), state)
@@ -325,6 +339,8 @@ def train(config: TrainConfig, quiet: bool = False) -> dict:
     trained_tokens = 0
     train_seconds = 0.0
     first_eval = None
+    if resume_state and resume_state.get("first_eval_loss") is not None:
+        first_eval = EvalResult(float(resume_state["first_eval_loss"]), 0, 0)
     last_loss = float("nan")
     step = start_step
     stream = batches.batches(position)
@@ -376,9 +392,12 @@ def train(config: TrainConfig, quiet: bool = False) -> dict:
                 if step % config.eval_every == 0 or step == plan.total_steps:
                     result = run_eval(step)
                     if result is not None and (not best or result.loss < best["eval_loss"]):
+                        # Record the new best before saving: its trainer state then holds it, and pruning
+                        # protects this checkpoint rather than the previous best.
+                        best.update({"checkpoint": f"{runs.CHECKPOINTS}/{runs.step_dir_name(step)}", "step": step,
+                                     "eval_loss": result.loss})
                         folder = save(step, data_position, lr)
                         saved = True
-                        best.update({"checkpoint": str(folder.relative_to(run_dir)), "step": step, "eval_loss": result.loss})
                         runs.write_best(run_dir, folder, step, result.loss)
                 if not saved and (step % config.save_every == 0 or step == plan.total_steps or stop or step == stop_after):
                     save(step, data_position, lr)

@@ -38,16 +38,41 @@ def load_yaml_config(path: str) -> dict:
     return result
 
 
+# Recorded settings that a resume does not take over from the run folder.
+_NOT_RESUMED = ("bundle", "out", "resume", "extra", "verbose")
+
+
+def recorded_config(run_dir: str) -> dict:
+    """The settings a run folder's config.json recorded ({} if it has none), for --resume."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); cannot take the run's settings from it",
+                          hint="give every setting on the command line, or start a new run") from exc
+    known = {f.name for f in fields(TrainConfig)} - set(_NOT_RESUMED)
+    return {name: value for name, value in recorded.items() if name in known} if isinstance(recorded, dict) else {}
+
+
 def build_config(ctx: click.Context, values: dict) -> TrainConfig:
-    """Defaults < --config file < flags given on the command line."""
-    merged = {}
-    if values.get("config"):
-        merged.update(load_yaml_config(values["config"]))
+    """Defaults < the run's recorded settings (with --resume) < --config file < flags given on the command line.
+
+    So `ortft train BUNDLE --out RUN --data D --resume` continues with the settings the run began with.
+    """
+    from_file = load_yaml_config(values["config"]) if values.get("config") else {}
+    given = {name for name in values if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    resume = values["resume"] if "resume" in given else from_file.get("resume", False)
+    out = values["out"] if "out" in given else from_file.get("out", values.get("out"))
+    merged = recorded_config(out) if resume and out else {}
+    merged.update(from_file)
     for name, value in values.items():
         if name in ("config", "stop_after"):
             continue
-        source = ctx.get_parameter_source(name)
-        if source == click.core.ParameterSource.COMMANDLINE or name not in merged:
+        if name in given or name not in merged:
             merged[name] = value
     config = TrainConfig(**{k: v for k, v in merged.items() if k in {f.name for f in fields(TrainConfig)}})
     if values.get("stop_after"):
@@ -79,8 +104,9 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--max-eval-batches", type=int, default=None, help="Evaluate on at most this many batches.")
 @click.option("--save-every", type=int, default=_defaults.save_every, show_default=True)
 @click.option("--keep", type=int, default=_defaults.keep, show_default=True, help="Checkpoints to keep (the best is kept too).")
-@click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out, with the run's recorded settings (flags override).")
 @click.option("--stop-after", type=int, default=None, help="Stop (and save) after this step, as if interrupted; --resume continues.")
+@click.option("--init-adapter", default=None, type=click.Path(), help="Start from these adapter weights (adapter.safetensors of a run or an `export --format adapter`).")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True)
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
 @click.option("--provider", default=_defaults.provider, show_default=True, help="Execution provider for training: cpu or cuda.")
