@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..graph.eval_dropout import DisableDropout
 from ..graph.optional_outputs import AddOptionalOutputs
+from ..graph.pretranspose import PretransposeFrozenWeights
 from ..quiet import native_stderr_captured
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,18 @@ def generate(
     external_data: bool | None,
     work_dir: Path,
     verbose: bool = False,
-) -> None:
-    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`."""
+) -> dict:
+    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
+
+    Returns what the graph passes changed (for the manifest).
+    """
     import onnx
     import onnxruntime
     from onnxruntime.training import artifacts
 
     onnxruntime.set_default_logger_severity(3)
     trainable_set = set(trainable)
+    pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
     frozen = [init.name for init in model.graph.initializer if init.name not in trainable_set and _is_float(init)]
     missing = trainable_set - {init.name for init in model.graph.initializer}
     if missing:
@@ -68,8 +73,10 @@ def generate(
         _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir)
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(str(eval_path), load_external_data=False)
-    if DisableDropout().call(eval_model).modified:
+    dropout_off = DisableDropout().call(eval_model).count
+    if dropout_off:
         onnx.save_model(eval_model, str(eval_path))
+    return {"pretransposed_frozen_weights": pretransposed, "eval_dropout_disabled": dropout_off}
 
 
 def _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir) -> None:

@@ -215,7 +215,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
         del peft_model, model
         gc.collect()
         with reporter.stage("generating ORT training artifacts"):
-            artifacts.generate(
+            passes = artifacts.generate(
                 loss_model,
                 [entry["name"] for entry in trainable],
                 stage_dir,
@@ -259,7 +259,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
-                "graph_patches": {"optional_outputs_added": patched},
+                "graph_patches": {"optional_outputs_added": patched, **passes},
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
                 "prepare": {"command": " ".join(sys.argv), "config": config.to_dict(), "timings_s": reporter.timings},

@@ -1,0 +1,96 @@
+"""The graph passes on tiny hand-built graphs: each does its one job and keeps the maths."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ortft.graph.eval_dropout import DisableDropout
+from ortft.graph.optional_outputs import AddOptionalOutputs
+from ortft.graph.pretranspose import PretransposeFrozenWeights
+
+
+def _run(model, feeds):
+    from ortft.runtime import onnxruntime_module
+
+    ort = onnxruntime_module()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _linear_graph(frozen: np.ndarray, trainable: np.ndarray):
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+        helper.make_node("Transpose", ["A"], ["At"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "At"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, trainable.shape[0]])],
+        [numpy_helper.from_array(frozen, "W"), numpy_helper.from_array(trainable, "A")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pretranspose_keeps_outputs_and_removes_frozen_transposes():
+    rng = np.random.default_rng(0)
+    frozen = rng.standard_normal((4, 3)).astype(np.float32)  # [out, in]
+    trainable = rng.standard_normal((5, 4)).astype(np.float32)
+    model = _linear_graph(frozen, trainable)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    before = _run(model, {"x": x})[0]
+    result = PretransposeFrozenWeights(trainable={"A"}).call(model)
+    assert result.modified and result.count == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Transpose", "MatMul"]
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    np.testing.assert_array_equal(weights["W"], frozen.T)
+    np.testing.assert_array_equal(weights["A"], trainable)  # trainable layout untouched
+    np.testing.assert_allclose(_run(model, {"x": x})[0], before, rtol=1e-6)
+
+
+def test_pretranspose_skips_weights_with_other_consumers():
+    rng = np.random.default_rng(1)
+    model = _linear_graph(rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32))
+    model.graph.node.append(helper.make_node("ReduceSumSquare", ["W"], ["norm"], keepdims=0))
+    assert not PretransposeFrozenWeights(trainable={"A"}).call(model).modified
+
+
+def test_optional_outputs_added_to_layernorm_and_dropout():
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["ln"], axis=-1),
+        helper.make_node("Dropout", ["ln"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.ones(4, np.float32), "scale"), numpy_helper.from_array(np.zeros(4, np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    before = _run(model, {"x": x})[0]
+    result = AddOptionalOutputs().call(model)
+    assert result.count == 3  # mean + inv_std_dev; mask
+    assert len(model.graph.node[0].output) == 3 and len(model.graph.node[1].output) == 2
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, {"x": x})[0], before, rtol=1e-6)
+    assert AddOptionalOutputs().call(model).count == 0  # idempotent
+
+
+def test_disable_dropout_makes_eval_deterministic():
+    ratio = numpy_helper.from_array(np.array(0.5, np.float32), "ratio")
+    on = numpy_helper.from_array(np.array(True), "training_mode")
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "ratio", "training_mode"], ["y"])], "dropout",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [ratio, on],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.ones((1, 1000), np.float32)
+    assert (_run(model, {"x": x})[0] == 0).any()  # training mode drops
+    assert DisableDropout().call(model).count == 1
+    np.testing.assert_array_equal(_run(model, {"x": x})[0], x)

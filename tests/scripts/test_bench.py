@@ -1,0 +1,45 @@
+"""Smoke test of scripts/bench.py: the tiny case runs end to end and writes the JSON it promises.
+
+Timings are never asserted (the machine may be busy); only that the figures exist and are positive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KEYS = (
+    "case", "ortft_tokens_per_s", "torch_tokens_per_s", "ortft_peak_rss_mb", "torch_peak_rss_mb",
+    "matmul_peak_gflops", "ortft_peak_fraction", "speedup", "rss_ratio", "ortft_first_step_s",
+    "torch_first_step_s", "flops_per_token", "ortft_tokens_per_s_spread", "torch_tokens_per_s_spread",
+    "settings", "date", "cpu_model", "cores", "versions",
+)
+
+
+def test_bench_tiny_case_writes_json(tmp_path):
+    out = tmp_path / "tmp.json"
+    markdown = tmp_path / "benchmarks.md"
+    markdown.write_text("# Benchmarks\n\n<!-- ortft-bench:begin -->\nNo measurements yet.\n<!-- ortft-bench:end -->\n")
+    command = [
+        sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "tiny", "--repeats", "1", "--steps", "3",
+        "--warmup-steps", "1", "--json", str(out), "--markdown", str(markdown),
+        "--cache-dir", str(tmp_path / "cache"), "--peak-size", "512", "--peak-seconds", "0.2",
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    missing = [key for key in KEYS if key not in result]
+    assert not missing, missing
+    assert result["case"] == "tiny"
+    assert result["ortft_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
+    assert result["ortft_peak_rss_mb"] > 0 and result["torch_peak_rss_mb"] > 0
+    assert result["matmul_peak_gflops"] > 0 and result["flops_per_token"] > 0
+    assert not result["ortft_imported_torch"]
+    for name in ("ortft", "torch", "onnxruntime", "transformers", "peft", "numpy"):
+        assert result["versions"][name]
+    table = markdown.read_text()
+    assert "| tiny |" in table and "No measurements yet." not in table
