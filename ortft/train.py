@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Settings that must not change across a resume (they change which batches or updates happen).
 RESUME_FIXED = ("batch_size", "grad_accum", "seq_len", "seed", "pack", "mask_prompt", "lr", "schedule", "warmup")
+# Settings a resume may change, with a warning (the run then differs from an uninterrupted one, or evaluates differently).
+RESUME_WARNED = ("steps", "epochs", "eval_every", "save_every", "keep", "max_eval_batches", "valid", "valid_fraction")
 
 
 def peak_rss_mb() -> float:
@@ -211,6 +213,11 @@ def _resume_state(config: TrainConfig, run_dir: Path, bundle_digest: str, data_s
     if changed:
         detail = ", ".join(f"{name} {saved[name]!r} -> {getattr(config, name)!r}" for name in changed)
         raise RunError(f"cannot resume with changed settings: {detail}", hint="resume with the settings the run began with")
+    warned = [name for name in RESUME_WARNED if name in saved and saved[name] != getattr(config, name)]
+    if warned:
+        detail = ", ".join(f"{name} {saved[name]!r} -> {getattr(config, name)!r}" for name in warned)
+        log.warning("resuming with changed settings: %s%s", detail,
+                    " (the learning-rate schedule follows the new total)" if {"steps", "epochs"} & set(warned) else "")
     return folder, state
 
 
@@ -234,8 +241,12 @@ def load_initial_adapter(session, manifest: dict, path: Path) -> None:
         session.set_parameter(entry["name"], np.ascontiguousarray(adapter[entry["name"]], dtype=np.float32))
 
 
-def train(config: TrainConfig, quiet: bool = False) -> dict:
-    """Run (or resume) training as `config` says; returns the summary also written to summary.json."""
+def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
+    """Run (or resume) training as `config` says; returns the summary also written to summary.json.
+
+    `on_step(session, step, lr)`, if given, runs after every optimizer step (federated FedProx uses it
+    for its proximal pull towards the global adapter).
+    """
     from .providers import training_device
     from .runtime import TrainingSession
     from .tokenizer import load_tokenizer
@@ -378,6 +389,8 @@ def train(config: TrainConfig, quiet: bool = False) -> dict:
                     label_tokens += batch.num_label_tokens
                     tokens += batch.num_tokens
                 session.optimizer_step(lr)
+                if on_step is not None:
+                    on_step(session, step, lr)
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 trained_tokens += tokens
