@@ -75,6 +75,25 @@ def session_options(threads: int | None = None, verbose: bool = False):
     return options
 
 
+_ENV_ARENA_REGISTERED = False
+
+
+def use_exact_size_arena(options) -> None:
+    """Share one CPU arena that grows by exactly what is requested (kSameAsRequested).
+
+    ORT's default arena grows in powers of two; on SmolLM2 at 4 x 256 that left ~830 MB of the
+    5.1 GB training peak unused, at no measurable speed difference (turning the arena off instead
+    saves as much but costs ~30% speed). The allocator is registered once per process.
+    """
+    global _ENV_ARENA_REGISTERED
+    ort = onnxruntime_module()
+    if not _ENV_ARENA_REGISTERED:
+        memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory_info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _ENV_ARENA_REGISTERED = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class TrainingSession:
     """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
 
@@ -92,12 +111,15 @@ class TrainingSession:
         self.bundle_dir = bundle_dir
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else bundle_dir / "checkpoint"
         self.state = api.CheckpointState.load_checkpoint(str(self.checkpoint_path))
+        options = session_options(threads, verbose)
+        if device == "cpu":
+            use_exact_size_arena(options)
         self.module = api.Module(
             str(bundle_dir / "training_model.onnx"),
             self.state,
             str(bundle_dir / "eval_model.onnx"),
             device=device,
-            session_options=session_options(threads, verbose),
+            session_options=options,
         )
         self.optimizer = api.Optimizer(str(bundle_dir / "optimizer_model.onnx"), self.module) if with_optimizer else None
         self._api = api
