@@ -26,6 +26,7 @@ COMMAND_MODULES = {
     "report": "report",
     "export": "export",
     "generate": "generate",
+    "federate": "federate",
 }
 
 

