@@ -35,6 +35,12 @@ class PrepareConfig:
     max_grad_norm: float = 1.0
     learning_rate_hint: float = 2e-4
     opset: int = 17
+    quantize: str | None = None  # None (float32), "int8" or "int4": store frozen base weights quantized (QLoRA-style)
+    block_size: int = 32  # int4: values per scale block along each weight's input dimension
+    quantize_symmetric: bool = True  # int4: symmetric (no zero point) or asymmetric (uint4 zero point per block)
+    quantize_all_linear: bool = False  # quantize every frozen linear layer, not only the adapted ones
+    quantize_embeddings: bool = False  # quantize the embedding table and the LM head too
+    quantize_recompute: bool = True  # the backward pass dequantizes again rather than keeping the forward copy
     seed: int = 0
     external_data: bool | None = None  # None: only when the graph would pass ONNX's 2 GB limit
     inference_template: bool = True

@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

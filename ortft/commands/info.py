@@ -31,11 +31,30 @@ def summary_lines(manifest: dict) -> list[str]:
         f"layers       {_layer_span(adapter['layers'], model['num_layers'])}",
         f"optimizer    AdamW weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
         f"created      {manifest['created']} with ortft {manifest['versions']['ortft']}, onnxruntime {manifest['versions']['onnxruntime']}",
-        "files:",
     ]
+    lines.extend(quantization_lines(manifest.get("quantization")))
+    lines.append("files:")
     for rel, facts in sorted(manifest["files"].items()):
         lines.append(f"  {rel:40s} {_size(facts['bytes']):>10s}")
     lines.append(f"  {'total':40s} {_size(sum(f['bytes'] for f in manifest['files'].values())):>10s}")
+    return lines
+
+
+def quantization_lines(section: dict | None) -> list[str]:
+    """Frozen-weight bytes before/after and the quantization error per layer (QLoRA bundles)."""
+    if not section:
+        return []
+    before, after = section["frozen_bytes_before"], section["frozen_bytes_after"]
+    block = f" block {section['block_size']}" if section.get("block_size") else ""
+    lines = [
+        f"quantized    {section['scheme']}{block} {'symmetric' if section['symmetric'] else 'asymmetric'}, "
+        f"{len(section['layers'])} weights, {section.get('recomputed_for_backward', 0)} recomputed for backward",
+        f"frozen bytes {_size(before)} -> {_size(after)} ({after / max(before, 1):.2f}x)",
+        f"quant error  max relative {section['max_rel_error']:.4f}, mean relative RMS {section['mean_rel_rms_error']:.4f}",
+    ]
+    for name, layer in section["layers"].items():
+        lines.append(f"  {name:64s} {_size(layer['bytes_before']):>9s} -> {_size(layer['bytes_after']):>9s}"
+                     f"  max rel {layer['max_rel_error']:.4f}  rms {layer['rel_rms_error']:.4f}")
     return lines
 
 

@@ -32,15 +32,26 @@ _defaults = PrepareConfig()
               help="Clip the adapters' gradient norm (0 turns clipping off).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store graph weights as ONNX external data (default: only past 2 GB).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=_defaults.quantize,
+              help="QLoRA-style: store the frozen base weights of the adapted linear layers as int8 (per channel) "
+                   "or int4 (blocked), dequantized in the graph; adapters stay float32.")
+@click.option("--block-size", type=int, default=_defaults.block_size, show_default=True,
+              help="int4: weights per scale block (along each layer's input dimension).")
+@click.option("--asymmetric", is_flag=True, help="int4: asymmetric blocks (uint4 with a zero point per block).")
+@click.option("--quantize-all-linear", is_flag=True, help="Quantize every frozen linear layer, not only the adapted ones.")
+@click.option("--quantize-embeddings", is_flag=True, help="Quantize the embedding table and the LM head too.")
+@click.option("--no-recompute", is_flag=True,
+              help="Let the backward pass reuse the forward's dequantized weights (faster, more memory).")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")
 def command(model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
-            rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, seed, force, verbose):
+            rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, quantize, block_size, asymmetric, quantize_all_linear, quantize_embeddings, no_recompute,
+            seed, force, verbose):
     """Turn MODEL (a Hugging Face folder or a .gguf file) into a LoRA training bundle.
 
     Only the adapter weights (LoRA A/B, DoRA magnitudes, a classifier head) are trainable; every base
-    weight is frozen. Needs the [prepare] extra (torch, transformers, peft, optimum).
+    weight is frozen (and, with --quantize, stored as int8/int4). Needs the [prepare] extra (torch, transformers, peft, optimum).
     """
     try:
         from ..prepare.pipeline import prepare_bundle
@@ -54,6 +65,8 @@ def command(model, out, gguf_file, task, num_labels, label_names, rank, alpha, d
         labels=[name.strip() for name in label_names.split(",")] if label_names else None,
         rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, dora=dora, rslora=rslora,
         adapter=adapter, max_seq_len=max_seq_len, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        external_data=external_data, seed=seed, force=force, verbose=verbose,
+        external_data=external_data, quantize=quantize, block_size=block_size, quantize_symmetric=not asymmetric,
+        quantize_all_linear=quantize_all_linear, quantize_embeddings=quantize_embeddings,
+        quantize_recompute=not no_recompute, seed=seed, force=force, verbose=verbose,
     )
     prepare_bundle(config)

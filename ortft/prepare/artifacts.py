@@ -2,21 +2,60 @@
 
 Only the adapter tensors require gradients; every other initializer is frozen. AdamW carries the
 weight decay and gradient-norm clipping chosen at prepare time.
+
+With quantization (QLoRA-style, `Quantization`), the chosen frozen weights are replaced by
+DequantizeLinear of int8/int4 tensors before the gradient graph is built. Those tensors travel as
+graph inputs through ORT's artifact generation (as Constants it would fold them back into float32)
+and become Constant nodes in the generated training and eval graphs; they are never in the checkpoint.
+The training graph then gets a second DequantizeLinear per weight for its backward pass (recompute).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..graph.eval_dropout import DisableDropout
 from ..graph.optional_outputs import AddOptionalOutputs
+from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.pretranspose import PretransposeFrozenWeights
+from ..graph.quantize_weights import NODE_PREFIX, InlineInputs, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.recompute_dequantize import RecomputeDequantize
 from ..quiet import native_stderr_captured
 
 log = logging.getLogger(__name__)
 
 TWO_GB = 2**31 - 1
+QUANTIZE_SCHEMES = ("int8", "int4")
+INT4_OPSET = 21  # DequantizeLinear with int4 and block_size
+
+
+@dataclass
+class Quantization:
+    """Which frozen weights to quantize and how (from PrepareConfig's quantize_* settings)."""
+
+    scheme: str  # "int8" | "int4"
+    block_size: int = 32
+    symmetric: bool = True
+    all_linear: bool = False  # every frozen linear layer, not only the adapted ones (the LM head excepted)
+    embeddings: bool = False  # the embedding table(s) and the LM head
+    recompute: bool = True  # the backward pass dequantizes again instead of keeping the forward copy
+
+
+def quantization_targets(model, trainable: set[str], settings: Quantization) -> list[str]:
+    """Graph names of the frozen weights to quantize, in graph order."""
+    tables = set(embedding_weights(model))
+    chosen = []
+    for name in linear_weights(model):
+        if name in trainable or name in tables:
+            continue
+        head = "lm_head." in name
+        if (head and settings.embeddings) or (not head and (settings.all_linear or name.endswith(".base_layer.weight"))):
+            chosen.append(name)
+    if settings.embeddings:
+        chosen.extend(name for name in tables if name not in trainable)
+    return chosen
 
 
 def optimizer_block(weight_decay: float, max_grad_norm: float | None):
@@ -44,10 +83,12 @@ def generate(
     external_data: bool | None,
     work_dir: Path,
     verbose: bool = False,
+    quantization: Quantization | None = None,
 ) -> dict:
     """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
 
-    Returns what the graph passes changed (for the manifest).
+    Returns what the graph passes changed (for the manifest); with `quantization`, also a
+    "quantization" entry (settings, per-layer bytes and errors, frozen bytes before/after).
     """
     import onnx
     import onnxruntime
@@ -56,6 +97,14 @@ def generate(
     onnxruntime.set_default_logger_severity(3)
     trainable_set = set(trainable)
     pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
+    frozen_bytes_before = _float_bytes(model, trainable_set)
+    quantizer = None
+    if quantization is not None:
+        if quantization.scheme == "int4":
+            UpgradeOpset(INT4_OPSET).call(model)
+        quantizer = QuantizeWeights(quantization_targets(model, trainable_set, quantization), quantization.scheme,
+                                    quantization.block_size, quantization.symmetric, as_inputs=True)
+        quantizer.call(model)
     frozen = [init.name for init in model.graph.initializer if init.name not in trainable_set and _is_float(init)]
     missing = trainable_set - {init.name for init in model.graph.initializer}
     if missing:
@@ -71,12 +120,56 @@ def generate(
         source = str(path)
     with native_stderr_captured(enabled=not verbose):
         _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir)
+    result = {"pretransposed_frozen_weights": pretransposed}
+    if quantizer is not None:
+        result["quantization"] = _finish_quantized(out_dir, quantizer, quantization, model, trainable_set, frozen_bytes_before)
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
     if dropout_off:
         onnx.save_model(eval_model, str(eval_path))
-    return {"pretransposed_frozen_weights": pretransposed, "eval_dropout_disabled": dropout_off}
+    result["eval_dropout_disabled"] = dropout_off
+    return result
+
+
+def _finish_quantized(out_dir: Path, quantizer: QuantizeWeights, settings: Quantization, model, trainable: set[str],
+                      frozen_bytes_before: int) -> dict:
+    """Inline the quantized tensors into the generated graphs, add the backward's DequantizeLinear."""
+    import onnx
+
+    recomputed = 0
+    for file_name in ("training_model.onnx", "eval_model.onnx"):
+        path = out_dir / file_name
+        graph = onnx.load(str(path), load_external_data=False)
+        InlineInputs(quantizer.tensors).call(graph)
+        if file_name == "training_model.onnx" and settings.recompute:
+            recomputed = RecomputeDequantize(NODE_PREFIX).call(graph).count
+        onnx.save_model(graph, str(path))
+        del graph
+    quantized_bytes = sum(layer["bytes_after"] for layer in quantizer.layers.values())
+    return {
+        "scheme": settings.scheme,
+        "block_size": settings.block_size if settings.scheme == "int4" else None,
+        "symmetric": settings.symmetric if settings.scheme == "int4" else True,
+        "all_linear": settings.all_linear,
+        "embeddings": settings.embeddings,
+        "opset": default_opset(model),
+        "recomputed_for_backward": recomputed,
+        "layers": quantizer.layers,
+        "frozen_bytes_before": frozen_bytes_before,
+        "frozen_bytes_after": _float_bytes(model, trainable) + quantized_bytes,
+        "max_rel_error": max((layer["max_rel_error"] for layer in quantizer.layers.values()), default=0.0),
+        "mean_rel_rms_error": (sum(layer["rel_rms_error"] for layer in quantizer.layers.values()) / len(quantizer.layers))
+        if quantizer.layers else 0.0,
+    }
+
+
+def _float_bytes(model, trainable: set[str]) -> int:
+    import numpy as np
+
+    sizes = {1: 4, 10: 2, 16: 2, 11: 8}  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
+    return int(sum(sizes[t.data_type] * int(np.prod(t.dims)) for t in model.graph.initializer
+                   if t.name not in trainable and _is_float(t)))
 
 
 def _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir) -> None:

@@ -1,8 +1,8 @@
 """`prepare_bundle(config)`: model folder or GGUF -> LoRA training bundle, written atomically.
 
 Stages: resolve and check the source, load it, export the inference template (causal LM),
-inject adapters, export the loss graph, generate ORT artifacts, save the tokenizer, write the
-manifest. Everything goes into a temporary folder that is renamed into place only when complete.
+inject adapters, export the loss graph, generate ORT artifacts (quantizing frozen weights when asked),
+save the tokenizer, write the manifest. Everything goes into a temporary folder that is renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -75,6 +75,19 @@ def _check_task(config: PrepareConfig) -> list[str] | None:
             raise ConfigError("--labels must name at least two distinct classes")
         return labels
     return None
+
+
+def _quantization(config: PrepareConfig):
+    if config.quantize is None:
+        return None
+    if config.quantize not in artifacts.QUANTIZE_SCHEMES:
+        raise ConfigError(f"--quantize {config.quantize} is unknown", hint=f"choose one of {', '.join(artifacts.QUANTIZE_SCHEMES)}")
+    if config.block_size < 2:
+        raise ConfigError(f"--block-size must be at least 2, got {config.block_size}")
+    return artifacts.Quantization(
+        scheme=config.quantize, block_size=config.block_size, symmetric=config.quantize_symmetric,
+        all_linear=config.quantize_all_linear, embeddings=config.quantize_embeddings, recompute=config.quantize_recompute,
+    )
 
 
 def _versions() -> dict:
@@ -164,6 +177,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
     if not config.verbose:
         transformers.utils.logging.set_verbosity_error()  # e.g. the GGUF tokenizer's "legacy behaviour" notice
     labels = _check_task(config)
+    quantization = _quantization(config)
     out = Path(config.out)
     check_output_dir(out, config.force)
     source = sources.resolve_source(config.model, config.gguf_file)
@@ -224,7 +238,9 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 config.external_data,
                 work_dir,
                 config.verbose,
+                quantization,
             )
+            quantization_section = passes.pop("quantization", None)
             trainable_names = {entry["name"] for entry in trainable}
             frozen = [init.name for init in loss_model.graph.initializer if init.name not in trainable_names]
             del loss_model
@@ -260,6 +276,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
                 "graph_patches": {"optional_outputs_added": patched, **passes},
+                "quantization": quantization_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
                 "prepare": {"command": " ".join(sys.argv), "config": config.to_dict(), "timings_s": reporter.timings},

@@ -1,0 +1,199 @@
+"""Store chosen frozen 2-D weights quantized (int8 or int4), dequantized in the graph by DequantizeLinear.
+
+Each chosen float initializer W becomes Constant nodes (the quantized values, the scales and, for
+asymmetric int4, the zero points) feeding one DequantizeLinear whose float32 output replaces W for
+every consumer; the initializer is removed. The quantized tensors are Constant nodes, not
+initializers, because ORT's checkpoint cannot hold int4 and everything frozen that is an initializer
+goes there: as Constants they stay inside the training and eval graphs.
+
+Groups (scale blocks) run along W's input dimension: axis 0 when W feeds MatMul as its B input
+directly (a pre-transposed [in, out] weight), axis 1 otherwise ([out, in], e.g. behind a Transpose or
+an embedding table read by Gather). int8 is per output channel (opset 13); int4 is blocked (opset 21).
+`self.layers` holds, per quantized tensor, its bytes before/after and the error statistics.
+
+Weights read through a Transpose are left in float (listed in `self.skipped`): ORT 1.19's QDQ
+propagation moves a DequantizeLinear past a Transpose by inserting a QuantizeLinear that cannot be
+int4, and the session fails to load. Frozen linear weights are pre-transposed before this pass, so
+in practice only an LM head tied to the embedding table (Gather + Transpose) is affected.
+"""
+
+from __future__ import annotations
+
+from .base import GraphPass, PassResult
+from .opset import default_opset
+
+DEQUANTIZED_SUFFIX = "_dequantized"
+NODE_PREFIX = "ortft_dq/"
+
+
+def consumers_of(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def input_axis(name: str, users: list) -> int:
+    """0 if every consumer is MatMul(x, W) ([in, out] layout); else 1 (W is [out, in])."""
+    if users and all(node.op_type == "MatMul" and list(node.input).index(name) == 1 and node.input[0] != name for node in users):
+        return 0
+    return 1
+
+
+def linear_weights(model, names: set[str] | None = None) -> list[str]:
+    """Frozen 2-D initializers that feed MatMul (directly or through a [1, 0] Transpose)."""
+    graph = model.graph
+    consumers = consumers_of(graph)
+    found = []
+    for tensor in graph.initializer:
+        if len(tensor.dims) != 2 or (names is not None and tensor.name not in names):
+            continue
+        users = consumers.get(tensor.name, [])
+        feeds_matmul = any(
+            (node.op_type in ("MatMul", "Gemm") and tensor.name in node.input[:2])
+            or (node.op_type == "Transpose" and any(c.op_type in ("MatMul", "Gemm") for out in node.output for c in consumers.get(out, [])))
+            for node in users
+        )
+        if feeds_matmul:
+            found.append(tensor.name)
+    return found
+
+
+def embedding_weights(model) -> list[str]:
+    """2-D initializers read by Gather as the table (embeddings; a tied LM head shares one)."""
+    graph = model.graph
+    tables = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    return [tensor.name for tensor in graph.initializer if len(tensor.dims) == 2 and tensor.name in tables]
+
+
+class QuantizeWeights(GraphPass):
+    """W -> DequantizeLinear(q, scale[, zero_point]); the quantized tensors become Constant nodes.
+
+    With `as_inputs=True` they become graph inputs instead (kept in `self.tensors`): ORT's artifact
+    generation would constant-fold a DequantizeLinear of Constants back into a float32 initializer,
+    so the bundle builder hides them as inputs and `InlineInputs(self.tensors)` turns them into
+    Constant nodes in the generated graphs.
+    """
+
+    def __init__(self, names, scheme: str, block_size: int = 32, symmetric: bool = True, as_inputs: bool = False):
+        self.names = list(dict.fromkeys(names))
+        self.scheme = scheme
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.as_inputs = as_inputs
+        self.layers: dict[str, dict] = {}
+        self.tensors: dict = {}  # name -> TensorProto of every quantized value / scale / zero point
+        self.skipped: dict[str, str] = {}  # name -> why it stayed float
+
+    def call(self, model) -> PassResult:
+        from onnx import TensorProto, numpy_helper
+
+        from ..quantize import error_stats, quantize
+
+        graph = model.graph
+        needed = 21 if self.scheme == "int4" else 13
+        if default_opset(model) < needed:
+            raise ValueError(f"{self.scheme} DequantizeLinear needs opset {needed}; the graph is at {default_opset(model)}")
+        wanted = set(self.names)
+        self._new_inputs = []
+        consumers = consumers_of(graph)
+        graph_outputs = {value.name for value in graph.output}
+        new_nodes = []
+        removed = set()
+        for tensor in graph.initializer:
+            name = tensor.name
+            if name not in wanted or name in graph_outputs or tensor.data_type != TensorProto.FLOAT or len(tensor.dims) != 2:
+                continue
+            users = consumers.get(name, [])
+            if not users:
+                continue
+            if any(node.op_type == "Transpose" for node in users):
+                self.skipped[name] = "read through a Transpose (ORT's QDQ propagation cannot handle it)"
+                continue
+            weight = numpy_helper.to_array(tensor)
+            axis = input_axis(name, users)
+            quantized = quantize(weight, self.scheme, axis, self.block_size, self.symmetric)
+            dq_name = name + DEQUANTIZED_SUFFIX
+            new_nodes.extend(self._nodes(name, dq_name, quantized))
+            for node in users:
+                for index, value in enumerate(node.input):
+                    if value == name:
+                        node.input[index] = dq_name
+            self.layers[name] = {
+                "shape": list(weight.shape),
+                "axis": axis,
+                "bytes_before": int(weight.nbytes),
+                "bytes_after": quantized.nbytes(),
+                **error_stats(weight, quantized),
+            }
+            removed.add(name)
+            del weight, quantized
+        if not removed:
+            return PassResult(model, False, 0)
+        kept = [tensor for tensor in graph.initializer if tensor.name not in removed]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        inputs = [value for value in graph.input if value.name not in removed]
+        del graph.input[:]
+        graph.input.extend(inputs)
+        nodes = new_nodes + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.input.extend(self._new_inputs)
+        return PassResult(model, True, len(removed))
+
+    def _nodes(self, name: str, dq_name: str, quantized) -> list:
+        from onnx import TensorProto, helper, numpy_helper
+
+        from ..quantize import pack_int4
+
+        prefix = NODE_PREFIX + name
+        if quantized.scheme == "int8":
+            values = numpy_helper.from_array(quantized.q, prefix + "/q")
+            attributes = {"axis": 1 - quantized.axis}
+        else:
+            dtype = TensorProto.INT4 if quantized.symmetric else TensorProto.UINT4
+            values = helper.make_tensor(prefix + "/q", dtype, list(quantized.q.shape), pack_int4(quantized.q), raw=True)
+            attributes = {"axis": quantized.axis, "block_size": quantized.block_size}
+        scale = numpy_helper.from_array(quantized.scale, prefix + "/scale")
+        tensors = [values, scale]
+        if quantized.zero_point is not None:
+            tensors.append(helper.make_tensor(prefix + "/zero_point", TensorProto.UINT4, list(quantized.zero_point.shape),
+                                              pack_int4(quantized.zero_point), raw=True))
+        nodes = []
+        for tensor in tensors:
+            self.tensors[tensor.name] = tensor
+            if self.as_inputs:
+                self._new_inputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            else:
+                nodes.append(constant_node(tensor))
+        inputs = [tensor.name for tensor in tensors]
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_name], name=prefix + "/DequantizeLinear", **attributes))
+        return nodes
+
+
+def constant_node(tensor):
+    from onnx import helper
+
+    return helper.make_node("Constant", [], [tensor.name], name=tensor.name + "_const", value=tensor)
+
+
+class InlineInputs(GraphPass):
+    """Turn the graph inputs named in `tensors` (name -> TensorProto) into Constant nodes holding them."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def call(self, model) -> PassResult:
+        graph = model.graph
+        found = [value.name for value in graph.input if value.name in self.tensors]
+        if not found:
+            return PassResult(model, False, 0)
+        kept = [value for value in graph.input if value.name not in self.tensors]
+        del graph.input[:]
+        graph.input.extend(kept)
+        nodes = [constant_node(self.tensors[name]) for name in found] + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        return PassResult(model, True, len(found))
