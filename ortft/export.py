@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from . import run as runs
-from .errors import BundleError, RunError
+from .errors import BundleError, ConfigError, RunError
 from .fsutil import check_output_dir, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from .manifest import MANIFEST_NAME, manifest_digest, read_manifest, verify_files
 
@@ -273,6 +273,21 @@ class InferenceTemplate:
         else:
             shutil.copyfile(self.model_path, out_dir / MODEL_FILE)
 
+    def write_quantized(self, out_dir: Path, merged: dict[str, np.ndarray], scheme: str, block_size: int | None) -> dict:
+        """Like `write_merged`, with the linear weights re-quantized (ortft/export_quantize.py).
+
+        Returns the export manifest's `quantization` section.
+        """
+        from .export_quantize import QuantizedExportWriter
+
+        self._merged_by_initializer(merged)  # a tied head cannot be merged: same refusal as without --quantize
+        writer = QuantizedExportWriter(self, scheme, block_size)
+        data_name = self.data_path.name if self.data_path is not None else DATA_FILE
+        section = writer.write(out_dir, merged, MODEL_FILE, data_name)
+        section["model_bytes_before"] = sum(path.stat().st_size for path in (self.model_path, self.data_path) if path is not None)
+        section["model_bytes_after"] = sum((out_dir / name).stat().st_size for name in (MODEL_FILE, data_name))
+        return section
+
     def _merged_by_initializer(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Merged weights keyed by initializer; two HF names sharing one (a tied head) must agree."""
         consumers = self._consumer_counts()
@@ -301,12 +316,19 @@ class InferenceTemplate:
 # ---- the exports ---------------------------------------------------------------------------------
 
 
-def export_merged_onnx(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str, force: bool = False, source: dict | None = None) -> dict:
+def export_merged_onnx(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str, force: bool = False,
+                       source: dict | None = None, quantize: str | None = None, block_size: int | None = None) -> dict:
     """EXPORT_DIR/{model.onnx, model.onnx.data, tokenizer/, generation_config.json, manifest.json}.
 
     The template's base weights are replaced by merged ones; everything else is copied byte for byte.
+    With `quantize` ("int8" | "int4"), every linear weight of the template (merged or not; not the
+    embedding table nor a tied head) is re-quantized (ortft/export_quantize.py) and the export
+    manifest's `quantization` section records scheme, bytes and per-layer errors.
     Returns the export manifest.
     """
+    from .export_quantize import check_quantize_options
+
+    block_size = check_quantize_options(quantize, block_size)
     bundle_dir = Path(bundle_dir)
     check_adapter(manifest, adapter)
     _verify_bundle_files(bundle_dir, manifest, prefixes=("inference/", f"{TOKENIZER_DIR}/"))
@@ -315,10 +337,14 @@ def export_merged_onnx(bundle_dir: Path | str, manifest: dict, adapter: dict[str
     base_names |= set(full_replacements(manifest, adapter))
     merged = merge_weights(manifest, template.read_weights(base_names), adapter)
     with staged_dir(Path(out_dir), force) as staging:
-        template.write_merged(staging, merged)
+        extra = {"inference": _inference_facts(manifest)}
+        if quantize:
+            extra["quantization"] = template.write_quantized(staging, merged, quantize, block_size)
+        else:
+            template.write_merged(staging, merged)
         _copy_tokenizer(bundle_dir, staging)
         write_json_atomic(staging / "generation_config.json", generation_config(manifest))
-        return _write_export_manifest(staging, "merged-onnx", bundle_dir, manifest, source, extra={"inference": _inference_facts(manifest)})
+        return _write_export_manifest(staging, "merged-onnx", bundle_dir, manifest, source, extra=extra)
 
 
 def export_peft(manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str, force: bool = False, source: dict | None = None) -> dict:
@@ -345,10 +371,20 @@ def export_adapter(manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path
         return _write_export_manifest(staging, "adapter", None, manifest, source, extra=extra)
 
 
-def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "latest", kind: str = "merged-onnx", force: bool = False) -> dict:
-    """`ortft export`: pick the run's checkpoint, check it against the bundle, write one export kind."""
+def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "latest", kind: str = "merged-onnx", force: bool = False,
+               quantize: str | None = None, block_size: int | None = None) -> dict:
+    """`ortft export`: pick the run's checkpoint, check it against the bundle, write one export kind.
+
+    `quantize` / `block_size` re-quantize a merged-onnx export's linear weights (int8 | int4).
+    """
+    from .export_quantize import check_quantize_options
+
     if kind not in EXPORT_KINDS:
         raise RunError(f"unknown export format {kind!r}", hint=f"use one of: {', '.join(EXPORT_KINDS)}")
+    if (quantize or block_size is not None) and kind != "merged-onnx":
+        raise ConfigError(f"--quantize and --block-size apply to --format merged-onnx only, not {kind}",
+                          hint="drop --quantize (the adapter stays float32), or export --format merged-onnx")
+    check_quantize_options(quantize, block_size)
     check_output_dir(Path(out_dir), force)
     chosen = resolve_run_checkpoint(run_dir, checkpoint)
     manifest = read_manifest(chosen.bundle_dir)
@@ -361,7 +397,7 @@ def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "late
         "bundle_manifest_sha256": manifest_digest(chosen.bundle_dir),
     }
     if kind == "merged-onnx":
-        return export_merged_onnx(chosen.bundle_dir, manifest, adapter, out_dir, force, source)
+        return export_merged_onnx(chosen.bundle_dir, manifest, adapter, out_dir, force, source, quantize=quantize, block_size=block_size)
     if kind == "peft":
         return export_peft(manifest, adapter, out_dir, force, source)
     return export_adapter(manifest, adapter, out_dir, force, source)

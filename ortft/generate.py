@@ -106,6 +106,7 @@ class ModelFolder:
     model_path: Path
     tokenizer_dir: Path
     eos_token_ids: list[int] = field(default_factory=list)
+    session_config: dict[str, str] = field(default_factory=dict)  # ORT session config entries the model needs
 
 
 def describe_model_folder(folder: Path | str) -> ModelFolder:
@@ -117,7 +118,13 @@ def describe_model_folder(folder: Path | str) -> ModelFolder:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     eos_ids = list((manifest.get("model") or {}).get("eos_token_ids") or [])
     if manifest.get("format") == "ortft-export" and manifest.get("kind") == "merged-onnx":
-        return ModelFolder(folder / "model.onnx", folder / "tokenizer", eos_ids)
+        config = {}
+        if (manifest.get("quantization") or {}).get("scheme") == "int8":
+            # int8 weights are DequantizeLinear -> MatMul; ORT 1.19 has no fused CPU kernel for them and by
+            # default re-runs the DequantizeLinear every forward (~18x slower on SmolLM2). This lets its constant
+            # folding dequantize them once at load: float32 speed (and float32 memory), small files on disk.
+            config["session.disable_quant_qdq"] = "1"
+        return ModelFolder(folder / "model.onnx", folder / "tokenizer", eos_ids, config)
     if manifest.get("format") == "ortft-bundle" and manifest.get("inference"):
         return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids)
     raise BundleError(
@@ -126,7 +133,8 @@ def describe_model_folder(folder: Path | str) -> ModelFolder:
     )
 
 
-def inference_session(model_path: Path, provider="cpu", threads: int | None = None, verbose: bool = False):
+def inference_session(model_path: Path, provider="cpu", threads: int | None = None, verbose: bool = False,
+                      session_config: dict[str, str] | None = None):
     """An InferenceSession on the requested provider; one missing from this build falls back to CPU (logged)."""
     from .providers import resolve_for_inference
     from .runtime import onnxruntime_module, session_options
@@ -135,6 +143,8 @@ def inference_session(model_path: Path, provider="cpu", threads: int | None = No
     ort = onnxruntime_module()
     providers = resolve_for_inference(provider)
     options = session_options(threads or default_threads(), verbose)
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     except Exception as exc:  # an accelerator that fails to initialise: CPU still works
@@ -183,7 +193,7 @@ class Generator:
 
     def __init__(self, folder: Path | str, provider="cpu", threads: int | None = None, verbose: bool = False):
         self.folder = describe_model_folder(folder)
-        self.model = KVCacheModel(inference_session(self.folder.model_path, provider, threads, verbose))
+        self.model = KVCacheModel(inference_session(self.folder.model_path, provider, threads, verbose, self.folder.session_config))
         self._tokenizer = None
         self.stats = GenerationStats()
 
