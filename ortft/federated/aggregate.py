@@ -6,6 +6,7 @@ mapping `ortft.run.write_checkpoint` and `ortft.export.load_adapter` use.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,17 @@ def wire_bytes(obj) -> int:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(obj).values()))
+
+
+def adapter_sha256(adapter: dict[str, np.ndarray]) -> str:
+    """A digest of the adapter's numbers (by name: name, shape, float32 bytes): the same global adapter gives the
+    same digest in memory, in a round record and in a checkpoint's adapter.safetensors."""
+    digest = hashlib.sha256()
+    for name in sorted(adapter):
+        value = np.ascontiguousarray(adapter[name], dtype="<f4")
+        digest.update(f"{name}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def adapter_nbytes(adapter: dict[str, np.ndarray]) -> int:

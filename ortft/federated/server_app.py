@@ -12,8 +12,11 @@ Run configuration (`flwr run APP --run-config FILE.toml`; defaults in the app's 
   keep                     round checkpoints to keep (the best is kept too)
 
 Each round: send the global adapter to the sampled nodes, aggregate their adapters with the strategy,
-evaluate the new global adapter on every node's validation data, save it (ortft.run.write_checkpoint,
-atomic) and append one record to metrics.jsonl. Round 0 evaluates the bundle's own adapter (the base).
+evaluate the new global adapter on every node's validation data, append one record to metrics.jsonl
+(with the sha256 of the adapter the round started from and of the new one), then save the adapter
+(ortft.run.write_checkpoint, atomic). Round 0 evaluates the bundle's own adapter (the base). A node that
+dies is left out of the round: the SuperLink replies for it ("Node Unavailable") once it has missed its
+heartbeats, or round-timeout passes. A resumed run drops records after its last saved round.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..manifest import manifest_digest
 from . import runfolder
 from .aggregate import (
     adapter_nbytes,
+    adapter_sha256,
     from_array_record,
     initial_adapter,
     payload_bytes,
@@ -107,8 +111,9 @@ def make_strategy(settings: ServerSettings):
     return FedAvg(**common)
 
 
-def _node_name(reply, names: dict[int, str]) -> str:
-    node_id = reply.metadata.src_node_id
+def _node_name(reply, names: dict[int, str], node_id: int | None = None) -> str:
+    """The name of the node a reply is about (`node_id`: the node the request went to; default: the sender)."""
+    node_id = reply.metadata.src_node_id if node_id is None else node_id
     if reply.has_content() and "node" in reply.content.config_records:
         names[node_id] = str(reply.content["node"]["name"])
     elif reply.has_error():
@@ -119,19 +124,24 @@ def _node_name(reply, names: dict[int, str]) -> str:
 
 
 def _exchange(grid: Grid, messages: list, timeout: float, names: dict[int, str], what: str, rnd: int):
-    """Send, wait up to `timeout`, and sort the replies: (good replies, failures, bytes down, bytes up)."""
+    """Send, wait up to `timeout`, and sort the replies: (good replies, failures, bytes down, bytes up).
+
+    A reply is matched to its request (reply_to_message_id): when a node dies, the SuperLink itself replies
+    for it (Flower's "Node Unavailable" error, sent from the SuperLink's own node id)."""
     sent_to = {message.metadata.dst_node_id for message in messages}
     down = sum(wire_bytes(message) for message in messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    good, failures = [], []
+    recipient = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}  # ids set when pushed
+    good, failures, answered = [], [], set()
     for reply in replies:
-        name = _node_name(reply, names)
+        node_id = recipient.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node_id)
+        name = _node_name(reply, names, node_id)
         if reply.has_error():
-            failures.append({"node": name, "node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
+            failures.append({"node": name, "node_id": node_id, "reason": reply.error.reason})
             log(WARNING, "round %d %s: %s failed: %s", rnd, what, name, reply.error.reason)
         else:
             good.append(reply)
-    answered = {reply.metadata.src_node_id for reply in replies}
     for node_id in sorted(sent_to - answered):
         failures.append({"node": names.get(node_id, f"node-{node_id}"), "node_id": node_id,
                          "reason": f"no reply within round-timeout {timeout:g} s"})
@@ -171,7 +181,7 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
         if folder is not None:
             adapter = runs.load_adapter(folder / runs.ADAPTER_FILE)
             adapter = {name: adapter[name] for name in trainable}
-            log(INFO, "resuming %s after round %d", run_dir, last_round)
+            log(INFO, "resuming %s after round %d (global adapter sha256 %s)", run_dir, last_round, adapter_sha256(adapter)[:12])
     else:
         runfolder.start_run(run_dir, bundle, digest, manifest["task"], {**settings.to_dict(), "kind": "federated"})
     metrics = runfolder.RoundLog(run_dir / runs.METRICS_FILE, keep_through_round=last_round)
@@ -186,11 +196,13 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
     record: dict = {}
     if last_round == 0 and not any(r.get("round") == 0 for r in runfolder.read_rounds(run_dir)):
         base = _evaluate(strategy, grid, 0, arrays, eval_config, settings, names)
-        record = {"round": 0, "step": 0, "event": "base", **base, "adapter_bytes": adapter_size, "base_model_bytes": base_bytes}
+        record = {"round": 0, "step": 0, "event": "base", **base, "adapter_sha256": adapter_sha256(adapter),
+                  "adapter_bytes": adapter_size, "base_model_bytes": base_bytes}
         metrics.write(record)
         log(INFO, "round 0 (the bundle's adapter): validation loss %s", base["eval_loss"])
     for rnd in range(last_round + 1, settings.rounds + 1):
         started = time.perf_counter()
+        adapter_in = adapter_sha256(adapter)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         good, failures, down, up = _exchange(grid, messages, settings.round_timeout, names, "train", rnd)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
@@ -206,11 +218,6 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
             is_best = True
         else:
             is_best = False
-        folder = runfolder.save_round(run_dir, rnd, session, manifest, adapter, {
-            "bundle_manifest_sha256": digest, "strategy": settings.strategy, "eval_loss": evaluation["eval_loss"],
-            "best_eval_loss": best, "settings": settings.to_dict()}, settings.keep)
-        if is_best:
-            runs.write_best(run_dir, folder, rnd, best)
         sent = len(messages)
         record = {
             "round": rnd, "step": rnd, "event": "round", "strategy": settings.strategy,
@@ -220,6 +227,7 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
             "train_loss_per_client": {_node_name(r, names): float(r.content["metrics"]["train-loss"]) for r in good},
             "train_failures": failures,
             **evaluation,
+            "adapter_in_sha256": adapter_in, "adapter_sha256": adapter_sha256(adapter),
             "adapter_bytes": adapter_size,
             "bytes_sent": down, "bytes_received": up,
             "adapter_bytes_sent": payload_bytes(arrays) * sent, "adapter_bytes_received": payload_bytes(arrays) * len(good),
@@ -227,7 +235,14 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
             "bytes_sent_vs_base_model": down / base_bytes if base_bytes else None,
             "seconds": time.perf_counter() - started,
         }
+        # The record before the checkpoint: a server killed in between resumes from the previous round, whose
+        # resumption drops this record (RoundLog); the other way round, a saved round could lack its record.
         metrics.write(record)
+        folder = runfolder.save_round(run_dir, rnd, session, manifest, adapter, {
+            "bundle_manifest_sha256": digest, "strategy": settings.strategy, "eval_loss": evaluation["eval_loss"],
+            "best_eval_loss": best, "settings": settings.to_dict()}, settings.keep)
+        if is_best:
+            runs.write_best(run_dir, folder, rnd, best)
         log(INFO, "round %d/%d: %d/%d nodes trained, validation loss %s, %d bytes sent (adapter %d B x %d; base model %d B)",
                  rnd, settings.rounds, len(good), sent, evaluation["eval_loss"], down, adapter_size, sent, base_bytes)
     return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +44,10 @@ def shard_args(shards: dict[str, tuple[Path, Path]]) -> list[str]:
     return args
 
 
-def federation_pids() -> list[int]:
-    """PIDs of every process started for a local federation (they carry ORTFT_FEDERATION in their environment)."""
+def federation_pids(role: str | None = None) -> list[int]:
+    """PIDs of every process started for a local federation (they carry ORTFT_FEDERATION in their environment);
+    with `role`, only those of that part (ORTFT_FEDERATION_ROLE: superlink, supernode-NAME, flwr-run), which
+    includes the helpers and apps that part started (the SuperLink's superexec and ServerApp, ...)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -53,9 +56,22 @@ def federation_pids() -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(item.startswith(b"ORTFT_FEDERATION=") for item in environ):
+        if any(item.startswith(b"ORTFT_FEDERATION=") for item in environ) and (
+                role is None or f"ORTFT_FEDERATION_ROLE={role}".encode() in environ):
             found.append(int(entry.name))
     return found
+
+
+def wait_for(condition, timeout: float, what: str, process=None, period: float = 0.3) -> float:
+    """Poll `condition()` until true; fail after `timeout` s or if `process` ends first. Returns the seconds waited."""
+    started = time.monotonic()
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the federation ended (exit {process.returncode}) before: {what}")
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(period)
+    return time.monotonic() - started
 
 
 class ListenWatcher(threading.Thread):

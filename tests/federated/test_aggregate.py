@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from ortft.federated.aggregate import (
+    adapter_sha256,
     from_array_record,
     payload_bytes,
     to_array_record,
@@ -82,3 +83,18 @@ def test_strategies_are_flowers_own():
 
     with pytest.raises(ConfigError, match="unknown"):
         ServerSettings.from_run_config({**base, "strategy": "fedsgd"})
+
+
+def test_adapter_sha256_follows_the_numbers_not_the_container(tmp_path):
+    from ortft import run as runs
+
+    adapter = adapters(7, 1)[0]
+    digest = adapter_sha256(adapter)
+    assert adapter_sha256(dict(reversed(list(adapter.items())))) == digest  # order of the dict
+    assert adapter_sha256(from_array_record(to_array_record(adapter))) == digest  # through Flower
+    (tmp_path / "a.safetensors").write_bytes(runs.adapter_bytes(adapter))
+    assert adapter_sha256(runs.load_adapter(tmp_path / "a.safetensors")) == digest  # through a checkpoint file
+    changed = {name: value.copy() for name, value in adapter.items()}
+    name = next(iter(changed))
+    changed[name].flat[0] += 1e-6
+    assert adapter_sha256(changed) != digest
