@@ -11,10 +11,16 @@ from .train import evaluate
 from .validate import require_valid
 
 
-def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq_len: int = 512,
+DEFAULT_SEQ_LEN = 512
+
+
+def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq_len: int | None = None,
                   checkpoint: str = "latest", threads: int | None = None, mask_prompt: bool | None = None,
                   max_batches: int | None = None) -> dict:
-    """Evaluate a bundle (its initial adapters) or a run (its `checkpoint`) on `data`."""
+    """Evaluate a bundle (its initial adapters) or a run (its `checkpoint`) on `data`.
+
+    `seq_len` defaults to the run's own training setting (512 for a bundle).
+    """
     from .runtime import TrainingSession
     from .tokenizer import load_tokenizer
 
@@ -35,6 +41,8 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
         if manifest_digest(bundle) != run_info.get("bundle_manifest_sha256"):
             raise RunError(f"the bundle {bundle} changed since run {target} was trained", hint="evaluate with the run's own bundle")
     task = manifest["task"]
+    if seq_len is None:
+        seq_len = _run_seq_len(target) if runs.is_run_dir(target) else DEFAULT_SEQ_LEN
     seq_len = min(seq_len, int(manifest["model"]["max_seq_len"]))
     tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
     config = DataConfig(seq_len=seq_len, batch_size=batch_size, seed=0, task=task, mask_prompt=mask_prompt,
@@ -49,3 +57,12 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
     else:
         record["accuracy"] = result.accuracy
     return record
+
+
+def _run_seq_len(run_dir: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((run_dir / runs.CONFIG_FILE).read_text(encoding="utf-8"))["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_SEQ_LEN

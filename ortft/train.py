@@ -28,7 +28,7 @@ from . import run as runs
 from .config import TrainConfig
 from .data import BatchIterator, DataConfig, LoaderPosition, iter_eval_batches, load_train_and_valid
 from .errors import ConfigError, RunError, TrainingDivergedError
-from .fsutil import check_output_dir, sha256_file, write_json_atomic, write_text_atomic
+from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
 from .manifest import manifest_digest
 from .schedule import learning_rate
 from .threads import default_threads
@@ -100,8 +100,11 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+        except OSError as exc:
+            raise disk_error(exc, self.path) from exc
 
     def close(self) -> None:
         self.handle.close()
@@ -439,7 +442,10 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         "data": stats.to_dict(),
         "notes": notes,
     }
-    with open(run_dir / runs.METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(summary) + "\n")
+    try:
+        with open(run_dir / runs.METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(summary) + "\n")
+    except OSError as exc:
+        raise disk_error(exc, run_dir / runs.METRICS_FILE) from exc
     write_json_atomic(run_dir / "summary.json", summary)
     return summary

@@ -129,3 +129,15 @@ def test_evaluate_path_raises_user_errors(bundle, tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(DataError):
         evaluate_path(bundle, bad, threads=1)
+
+
+def test_eval_run_defaults_to_the_runs_seq_len(bundle, data, tmp_path):
+    """Without --seq-len, a run is evaluated at the length it was trained with (here 16: truncating)."""
+    out = tmp_path / "short"
+    ok(run_ortft("train", bundle, "--data", data["train"], "--out", out, "--seq-len", "16", "--batch-size", "2",
+                 "--threads", "1", "--steps", "2", "--save-every", "2"))
+    default = eval_json(out, "--data", data["valid"])
+    explicit = eval_json(out, "--data", data["valid"], "--seq-len", "16")
+    longer = eval_json(out, "--data", data["valid"], "--seq-len", "64")
+    assert default["loss"] == explicit["loss"] and default["tokens"] == explicit["tokens"]
+    assert longer["tokens"] > default["tokens"]

@@ -11,7 +11,7 @@ import click
 @click.argument("bundle_or_run", type=click.Path())
 @click.option("--data", required=True, help="Evaluation data (JSONL).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--seq-len", type=int, default=None, help="Truncate examples to this many tokens (default: the run's setting, 512 for a bundle).")
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run: latest, best, or a checkpoint folder.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="As in training (default: on for prompt/chat data).")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
