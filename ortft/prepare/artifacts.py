@@ -74,27 +74,31 @@ def needs_external_data(model) -> bool:
     return model.ByteSize() > TWO_GB // 2
 
 
-def generate(
-    model,
-    trainable: list[str],
-    out_dir: Path,
-    weight_decay: float,
-    max_grad_norm: float | None,
-    external_data: bool | None,
-    work_dir: Path,
-    verbose: bool = False,
-    quantization: Quantization | None = None,
-) -> dict:
-    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
+@dataclass
+class LossGraph:
+    """A loss graph with prepare's passes applied, saved to disk: what artifact generation needs.
 
-    Returns what the graph passes changed (for the manifest); with `quantization`, also a
-    "quantization" entry (settings, per-layer bytes and errors, frozen bytes before/after).
+    The graph travels as a file so that the caller can free its in-memory proto first: protobuf keeps
+    the bytes of every rewritten initializer in the model's arena until the whole model is freed, which
+    cost ~500 MB of peak RSS on SmolLM2 when the proto went to ORT directly.
     """
-    import onnx
-    import onnxruntime
-    from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)
+    path: Path
+    trainable: set[str]
+    frozen: list[str]  # float initializers that are not trainable (the checkpoint's frozen parameters)
+    pretransposed: int
+    opset: int
+    frozen_bytes_before: int
+    float_frozen_bytes_after: int
+    quantizer: QuantizeWeights | None = None
+    quantization: Quantization | None = None
+
+
+def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: bool | None,
+                    quantization: Quantization | None = None) -> LossGraph:
+    """Apply the pre-artifact passes to `model` (in place) and save it under `work_dir`."""
+    import onnx
+
     trainable_set = set(trainable)
     pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
     frozen_bytes_before = _float_bytes(model, trainable_set)
@@ -110,19 +114,41 @@ def generate(
     if missing:
         raise RuntimeError(f"trainable tensors absent from the exported graph: {sorted(missing)[:5]}")
     use_external = needs_external_data(model) if external_data is None else external_data
-    source = model
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / "loss_graph.onnx"
     if use_external:
-        # Graphs past ONNX's 2 GB protobuf limit must travel as a path with external data.
-        work_dir.mkdir(parents=True, exist_ok=True)
-        path = work_dir / "loss_graph.onnx"
+        # Graphs past ONNX's 2 GB protobuf limit must travel with external data.
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="loss_graph.onnx.data", size_threshold=1024)
-        source = str(path)
+    else:
+        onnx.save_model(model, str(path))
+    return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
+                     _float_bytes(model, trainable_set), quantizer, quantization)
+
+
+def generate(
+    loss_graph: LossGraph,
+    out_dir: Path,
+    weight_decay: float,
+    max_grad_norm: float | None,
+    verbose: bool = False,
+) -> dict:
+    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
+
+    Returns what the graph passes changed (for the manifest); with quantization, also a
+    "quantization" entry (settings, per-layer bytes and errors, frozen bytes before/after).
+    """
+    import onnx
+    import onnxruntime
+    from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)
     with native_stderr_captured(enabled=not verbose):
-        _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir)
-    result = {"pretransposed_frozen_weights": pretransposed}
-    if quantizer is not None:
-        result["quantization"] = _finish_quantized(out_dir, quantizer, quantization, model, trainable_set, frozen_bytes_before)
+        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, loss_graph.frozen, weight_decay,
+                            max_grad_norm, out_dir)
+    result = {"pretransposed_frozen_weights": loss_graph.pretransposed}
+    if loss_graph.quantizer is not None:
+        result["quantization"] = _finish_quantized(out_dir, loss_graph)
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
@@ -132,11 +158,11 @@ def generate(
     return result
 
 
-def _finish_quantized(out_dir: Path, quantizer: QuantizeWeights, settings: Quantization, model, trainable: set[str],
-                      frozen_bytes_before: int) -> dict:
+def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
     """Inline the quantized tensors into the generated graphs, add the backward's DequantizeLinear."""
     import onnx
 
+    quantizer, settings = loss_graph.quantizer, loss_graph.quantization
     recomputed = 0
     for file_name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / file_name
@@ -153,11 +179,11 @@ def _finish_quantized(out_dir: Path, quantizer: QuantizeWeights, settings: Quant
         "symmetric": settings.symmetric if settings.scheme == "int4" else True,
         "all_linear": settings.all_linear,
         "embeddings": settings.embeddings,
-        "opset": default_opset(model),
+        "opset": loss_graph.opset,
         "recomputed_for_backward": recomputed,
         "layers": quantizer.layers,
-        "frozen_bytes_before": frozen_bytes_before,
-        "frozen_bytes_after": _float_bytes(model, trainable) + quantized_bytes,
+        "frozen_bytes_before": loss_graph.frozen_bytes_before,
+        "frozen_bytes_after": loss_graph.float_frozen_bytes_after + quantized_bytes,
         "max_rel_error": max((layer["max_rel_error"] for layer in quantizer.layers.values()), default=0.0),
         "mean_rel_rms_error": (sum(layer["rel_rms_error"] for layer in quantizer.layers.values()) / len(quantizer.layers))
         if quantizer.layers else 0.0,

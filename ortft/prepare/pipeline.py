@@ -60,6 +60,21 @@ class StageReporter:
         return _Stage()
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and ask glibc to hand freed heap back to the OS (Linux; a no-op elsewhere).
+
+    Called between the big stages so that the next one (ORT's gradient graph) starts from a smaller
+    resident set instead of on top of freed-but-kept torch and protobuf memory.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_task(config: PrepareConfig) -> list[str] | None:
     if config.task not in TASKS:
         raise ConfigError(f"--task {config.task} is unknown", hint=f"choose one of {', '.join(TASKS)}")
@@ -227,24 +242,15 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
         num_total = int(sum(p.numel() for p in peft_model.parameters()))
         # The torch model is no longer needed: free it before ORT builds the gradient graph (peak RSS).
         del peft_model, model
-        gc.collect()
+        release_freed_memory()
         with reporter.stage("generating ORT training artifacts"):
-            passes = artifacts.generate(
-                loss_model,
-                [entry["name"] for entry in trainable],
-                stage_dir,
-                config.weight_decay,
-                config.max_grad_norm,
-                config.external_data,
-                work_dir,
-                config.verbose,
-                quantization,
-            )
+            trainable_names = sorted(entry["name"] for entry in trainable)
+            loss_graph = artifacts.save_loss_graph(loss_model, trainable_names, work_dir, config.external_data, quantization)
+            frozen = loss_graph.frozen
+            del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
+            release_freed_memory()
+            passes = artifacts.generate(loss_graph, stage_dir, config.weight_decay, config.max_grad_norm, config.verbose)
             quantization_section = passes.pop("quantization", None)
-            trainable_names = {entry["name"] for entry in trainable}
-            frozen = [init.name for init in loss_model.graph.initializer if init.name not in trainable_names]
-            del loss_model
-            gc.collect()
         with reporter.stage("writing the manifest"):
             shutil.rmtree(work_dir)
             manifest = {
