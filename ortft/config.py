@@ -30,6 +30,7 @@ class PrepareConfig:
     dora: bool = False
     rslora: bool = False
     adapter: str | None = None
+    adapter_overrides: dict = field(default_factory=dict)  # settings given explicitly beside --adapter
     max_seq_len: int = 2048
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0

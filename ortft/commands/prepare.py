@@ -45,7 +45,8 @@ _defaults = PrepareConfig()
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")
-def command(model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
+@click.pass_context
+def command(ctx, model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
             rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, quantize, block_size, asymmetric, quantize_all_linear, quantize_embeddings, no_recompute,
             seed, force, verbose):
     """Turn MODEL (a Hugging Face folder or a .gguf file) into a LoRA training bundle.
@@ -69,4 +70,8 @@ def command(model, out, gguf_file, task, num_labels, label_names, rank, alpha, d
         quantize_all_linear=quantize_all_linear, quantize_embeddings=quantize_embeddings,
         quantize_recompute=not no_recompute, seed=seed, force=force, verbose=verbose,
     )
+    if adapter:
+        explicit = {name: value for name, value in (("rank", rank), ("alpha", alpha), ("dora", dora), ("targets", targets))
+                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        config.adapter_overrides = explicit
     prepare_bundle(config)

@@ -82,6 +82,7 @@ def inject(model, config: PrepareConfig, arch: Architecture, task: str):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if config.adapter:
+        check_adapter_overrides(Path(config.adapter), config.adapter_overrides)
         return _load_existing(model, Path(config.adapter), PeftModel)
     check_settings(config)
     targets = resolve_targets(model, arch, config.targets)
@@ -100,6 +101,35 @@ def inject(model, config: PrepareConfig, arch: Architecture, task: str):
         bias="none",
     )
     return get_peft_model(model, lora_config)
+
+
+def check_adapter_overrides(adapter_dir: Path, overrides: dict) -> None:
+    """Settings given beside --adapter must agree with the adapter's own adapter_config.json."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not overrides or not config_path.is_file():
+        return
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # _load_existing reports the damaged file
+    saved_targets = saved.get("target_modules")
+    actual = {
+        "rank": saved.get("r"),
+        "alpha": saved.get("lora_alpha"),
+        "dora": bool(saved.get("use_dora", False)),
+        "targets": sorted(saved_targets) if isinstance(saved_targets, list) else saved_targets,
+    }
+    for name, value in overrides.items():
+        if name == "targets":
+            if value.strip() in ("all-linear", "all", ""):
+                continue
+            value = sorted(part.strip() for part in value.split(",") if part.strip())
+        if actual.get(name) is not None and value != actual[name] and not (name == "alpha" and float(value) == float(actual[name])):
+            flag = "--" + name
+            raise AdapterError(
+                f"{flag} {value} contradicts the adapter in {adapter_dir} ({name} = {actual[name]} in adapter_config.json)",
+                hint=f"drop {flag}: --adapter takes its settings from the adapter",
+            )
 
 
 def _load_existing(model, adapter_dir: Path, peft_model_class):

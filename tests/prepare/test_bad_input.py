@@ -157,3 +157,21 @@ def test_cli_user_error_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "error:" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_adapter_with_a_contradicting_rank_is_refused(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "adapter"))
+    result = subprocess.run(
+        [sys.executable, "-m", "ortft", "prepare", str(tiny_llama), "--out", str(tmp_path / "b"),
+         "--adapter", str(tmp_path / "adapter"), "--rank", "8"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--rank 8 contradicts the adapter" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b").exists()
