@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from . import run as runs
+from .run import load_adapter  # noqa: F401  (part of this module's API: export reads adapters)
 from .errors import BundleError, ConfigError, RunError
 from .fsutil import check_output_dir, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from .manifest import MANIFEST_NAME, manifest_digest, read_manifest, verify_files
@@ -84,17 +85,6 @@ def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Pat
 
 
 # ---- adapters ------------------------------------------------------------------------------------
-
-
-def load_adapter(path: Path | str) -> dict[str, np.ndarray]:
-    """Adapter weights keyed by graph name, from a safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RunError(f"cannot read adapter weights {path}: {exc}", hint="the checkpoint is damaged; pick another") from exc
 
 
 def check_adapter(manifest: dict, adapter: dict[str, np.ndarray], where: str = "the adapter") -> None:

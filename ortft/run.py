@@ -46,13 +46,15 @@ def adapter_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None
     return save({name: np.ascontiguousarray(value, dtype=np.float32) for name, value in arrays.items()}, metadata=metadata)
 
 
-def load_adapter(path: Path) -> dict[str, np.ndarray]:
+def load_adapter(path: Path | str) -> dict[str, np.ndarray]:
+    """Adapter weights keyed by graph name, from a safetensors file (a damaged file is a RunError)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         return dict(load_file(str(path)))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise RunError(f"{path} is not a readable safetensors file ({exc})", hint="the adapter file is damaged") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(f"adapter weights {path} are not a readable safetensors file ({exc})", hint="the file is damaged; pick another checkpoint") from exc
 
 
 def write_checkpoint(run_dir: Path, step: int, save_ort_checkpoint, adapter: dict[str, np.ndarray], state: dict) -> Path:

@@ -1,7 +1,7 @@
 """Adapters as Flower ArrayRecords, their example-weighted mean, and what they cost on the wire.
 
 Adapters are dicts of graph name -> float32 array (the manifest's trainable tensors), the same
-mapping `ortft.run.write_checkpoint` and `ortft.export.load_adapter` use.
+mapping `ortft.run.write_checkpoint` and `ortft.run.load_adapter` use.
 """
 
 from __future__ import annotations
