@@ -86,8 +86,11 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def first_output(outputs):
+        return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
     def evaluate(session, data):
-        return float(np.mean([float(np.asarray(session.evaluate(b)[0] if isinstance(session.evaluate(b), (list, tuple)) else session.evaluate(b))) for b in data]))
+        return float(np.mean([float(np.asarray(first_output(session.evaluate(b)))) for b in data]))
 
     before_load = rss_mb()
     session = TrainingSession(bundle, threads=threads)

@@ -9,6 +9,15 @@ just before it is needed: the weight is dequantized twice per step, a compute-fo
 
 Backward nodes are the ones that depend, transitively, on a gradient tensor (a name ending in `_grad`,
 as ORT's gradient builder names them).
+
+Where the clone sits in the node list matters. ORT's default execution order is a depth-first walk
+back from the graph's leaves that visits a node's producers in descending node index (node index =
+position in the file). A clone placed just before its backward consumer has a higher index than the
+gradient tensor's producer, so it was visited, and run, first: before the forward pass, which kept
+every clone alive for the whole step (measured on SmolLM2 int4 at 1 x 128: the same peak RSS as
+without recompute). Each clone therefore goes right after the forward DequantizeLinear it copies, at
+the top of the graph: the walk then reaches it last among its consumer's producers and runs it just
+before the gradient MatMul that reads it.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ class RecomputeDequantize(GraphPass):
         for index, node in enumerate(nodes):
             for name in node.input:
                 consumers.setdefault(name, []).append(index)
-        clones: dict[int, list] = {}  # index of the first backward consumer -> cloned DQ nodes to insert before it
+        clones: dict[int, list] = {}  # index of the forward DequantizeLinear -> its clone, inserted right after it
         count = 0
         for index, node in enumerate(nodes):
             if node.op_type != "DequantizeLinear" or (self.prefix and not node.name.startswith(self.prefix)):
@@ -60,14 +69,14 @@ class RecomputeDequantize(GraphPass):
                 for position, name in enumerate(nodes[user].input):
                     if name == node.output[0]:
                         nodes[user].input[position] = clone.output[0]
-            clones.setdefault(min(late), []).append(clone)
+            clones.setdefault(index, []).append(clone)
             count += 1
         if not count:
             return PassResult(model, False, 0)
         ordered = []
         for index, node in enumerate(nodes):
-            ordered.extend(clones.get(index, []))
             ordered.append(node)
+            ordered.extend(clones.get(index, []))
         del graph.node[:]
         graph.node.extend(ordered)
         return PassResult(model, True, count)

@@ -125,7 +125,7 @@ def _training_like_graph():
     model = helper.make_model(helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"]),
          helper.make_node("Mul", ["y", "y"], ["loss"]),
-         helper.make_node("Identity", ["dy_grad"], ["dy"]),
+         helper.make_node("Mul", ["y", "dy_grad"], ["dy"]),  # the gradient depends on the forward pass
          helper.make_node("Gemm", ["dy", "W"], ["x_grad"], transB=1),
          helper.make_node("Identity", ["dy_grad"], ["unused"])],
         "train",
@@ -150,10 +150,43 @@ def test_recompute_gives_backward_its_own_dequantize():
     gradient = next(n for n in model.graph.node if n.op_type == "Gemm")
     assert forward.input[1] == dqs[0].output[0] and gradient.input[1] == dqs[1].output[0]
     names = [n.name for n in model.graph.node]
-    assert names.index(dqs[1].name) > names.index(next(n.name for n in model.graph.node if n.op_type == "Mul"))
+    assert names.index(dqs[1].name) == names.index(dqs[0].name) + 1  # at the top, right after its original
     for got, want in zip(_run(model, feeds), before):
         np.testing.assert_array_equal(got, want)
     assert not RecomputeDequantize().call(model).modified  # nothing is shared any more
+
+
+def _execution_order(model, feeds, tmp_path) -> list[str]:
+    """Node names in the order ORT's CPU session ran them (from its profile)."""
+    import json
+
+    from ortft.runtime import onnxruntime_module
+
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node as written
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    events = json.loads(open(session.end_profiling()).read())
+    return [event["name"].removesuffix("_kernel_time") for event in events
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+
+
+def test_recompute_runs_the_backward_dequantize_after_the_forward_pass(tmp_path):
+    """The clone must run when the gradient needs it, not before the forward pass (ORT's default order)."""
+    model = _training_like_graph()
+    for index, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"
+    QuantizeWeights(["W"], "int4").call(model)
+    RecomputeDequantize().call(model)
+    feeds = {"x": np.ones((2, 32), np.float32), "dy_grad": np.ones((2, 8), np.float32)}
+    order = _execution_order(model, feeds, tmp_path)
+    clone = next(n.name for n in model.graph.node if n.name.endswith("_recompute"))
+    forward_matmul = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    gradient = next(n.name for n in model.graph.node if n.op_type == "Gemm")
+    assert order.index(forward_matmul) < order.index(clone) < order.index(gradient), order
 
 
 def test_recompute_leaves_forward_only_dequantize_alone():
