@@ -8,6 +8,15 @@ DequantizeLinear of int8/int4 tensors before the gradient graph is built. Those 
 graph inputs through ORT's artifact generation (as Constants it would fold them back into float32)
 and become Constant nodes in the generated training and eval graphs; they are never in the checkpoint.
 The training graph then gets a second DequantizeLinear per weight for its backward pass (recompute).
+
+ORT builds the gradient graph from a weightless skeleton: the frozen float weights leave the loss
+graph as plain graph inputs (their bytes go, serialized, to a side file) before `generate_artifacts`
+sees it, and the checkpoint is then written with them as its frozen parameters. The gradient graph
+does not depend on weight values, and ORT's generator copies the whole model several times over
+(serialized, parsed, optimised, gradient-built, once for the training and once for the eval graph):
+a randomly initialised 1.1B Llama (4.4 GB of weights) was killed at 24 GB in that stage. The
+training session tells parameters from user inputs by checkpoint membership, so the frozen inputs
+are parameters again at load time, exactly as when the generator made them inputs itself.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.pretranspose import PretransposeFrozenWeights
 from ..graph.quantize_weights import NODE_PREFIX, InlineInputs, QuantizeWeights, embedding_weights, linear_weights
 from ..graph.recompute_dequantize import RecomputeDequantize
+from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
 
 log = logging.getLogger(__name__)
@@ -92,6 +102,41 @@ class LossGraph:
     float_frozen_bytes_after: int
     quantizer: QuantizeWeights | None = None
     quantization: Quantization | None = None
+    frozen_store: Path | None = None  # the frozen weights, serialized TensorProtos back to back
+    frozen_index: list[tuple[str, int, int]] | None = None  # (name, offset, length) in frozen_store
+
+
+def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[str, int, int]]:
+    """Move the `frozen` initializers out of `model` into `store`, leaving typed graph inputs behind.
+
+    Returns the (name, offset, length) index of the serialized TensorProtos; the caller frees the
+    model afterwards (protobuf keeps removed bytes until then).
+    """
+    from onnx import TensorProto, helper
+
+    wanted = set(frozen)
+    index = []
+    kept = []
+    new_inputs = []
+    declared = {value.name for value in model.graph.input}
+    with open(store, "wb") as handle:
+        offset = 0
+        for tensor in model.graph.initializer:
+            if tensor.name not in wanted:
+                kept.append(tensor)
+                continue
+            if tensor.data_location == TensorProto.EXTERNAL:
+                raise RuntimeError(f"frozen weight {tensor.name} is still in an external file: load the graph with its data")
+            data = tensor.SerializeToString()
+            handle.write(data)
+            index.append((tensor.name, offset, len(data)))
+            offset += len(data)
+            if tensor.name not in declared:
+                new_inputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(new_inputs)
+    return index
 
 
 def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: bool | None,
@@ -101,6 +146,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
 
     trainable_set = set(trainable)
     pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
+    pretransposed += TransposeIntoGemm().call(model).count  # a tied LM head: Gemm(transB=1) on the table itself
     frozen_bytes_before = _float_bytes(model, trainable_set)
     quantizer = None
     if quantization is not None:
@@ -113,8 +159,11 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
     missing = trainable_set - {init.name for init in model.graph.initializer}
     if missing:
         raise RuntimeError(f"trainable tensors absent from the exported graph: {sorted(missing)[:5]}")
-    use_external = needs_external_data(model) if external_data is None else external_data
+    float_frozen_bytes_after = _float_bytes(model, trainable_set)
     work_dir.mkdir(parents=True, exist_ok=True)
+    frozen_store = work_dir / "frozen_params.pb"
+    frozen_index = detach_frozen_weights(model, frozen, frozen_store)
+    use_external = needs_external_data(model) if external_data is None else external_data
     path = work_dir / "loss_graph.onnx"
     if use_external:
         # Graphs past ONNX's 2 GB protobuf limit must travel with external data.
@@ -123,7 +172,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
     else:
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
-                     _float_bytes(model, trainable_set), quantizer, quantization)
+                     float_frozen_bytes_after, quantizer, quantization, frozen_store, frozen_index)
 
 
 def generate(
@@ -144,8 +193,10 @@ def generate(
 
     onnxruntime.set_default_logger_severity(3)
     with native_stderr_captured(enabled=not verbose):
-        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, loss_graph.frozen, weight_decay,
+        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, [], weight_decay,
                             max_grad_norm, out_dir)
+        if loss_graph.frozen_store is not None:
+            _write_checkpoint(loss_graph, out_dir / "checkpoint")
     result = {"pretransposed_frozen_weights": loss_graph.pretransposed}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
@@ -207,6 +258,22 @@ def _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, 
         optimizer=optimizer_block(weight_decay, max_grad_norm),
         artifact_directory=str(out_dir),
     )
+
+
+def _write_checkpoint(loss_graph: LossGraph, path: Path) -> None:
+    """Write the checkpoint with the trainable tensors and the frozen weights set aside earlier."""
+    import onnx
+    from onnxruntime.capi._pybind_state import save_checkpoint
+
+    skeleton = onnx.load(str(loss_graph.path))
+    trainable = [tensor.SerializeToString() for tensor in skeleton.graph.initializer if tensor.name in loss_graph.trainable]
+    del skeleton
+    frozen = []
+    with open(loss_graph.frozen_store, "rb") as handle:
+        for _name, offset, length in loss_graph.frozen_index:
+            handle.seek(offset)
+            frozen.append(handle.read(length))
+    save_checkpoint(trainable, frozen, str(path), False)
 
 
 def _is_float(initializer) -> bool:

@@ -94,3 +94,46 @@ def test_disable_dropout_makes_eval_deterministic():
     assert (_run(model, {"x": x})[0] == 0).any()  # training mode drops
     assert DisableDropout().call(model).count == 1
     np.testing.assert_array_equal(_run(model, {"x": x})[0], x)
+
+
+def _tied_head_graph(hidden_rank: int):
+    """Gather(E, ids) -> hidden; logits = MatMul(hidden, Transpose(E)): a tied LM head as torch exports it."""
+    table = np.random.default_rng(4).standard_normal((11, 6)).astype(np.float32)
+    shape = [3] if hidden_rank == 2 else [1, 3]
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["hidden"]),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["hidden", "Et"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape + [11])],
+        [numpy_helper.from_array(table, "E")],
+        value_info=[helper.make_tensor_value_info("hidden", TensorProto.FLOAT, shape + [6])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_transpose_into_gemm_reads_the_tied_table_directly():
+    from ortft.graph.transposed_gemm import TransposeIntoGemm
+
+    model = _tied_head_graph(hidden_rank=2)
+    feeds = {"ids": np.array([0, 4, 10], np.int64)}
+    (before,) = _run(model, feeds)
+    result = TransposeIntoGemm().call(model)
+    assert result.count == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Gather", "Gemm"]
+    gemm = model.graph.node[1]
+    assert list(gemm.input) == ["hidden", "E"] and helper.get_attribute_value(gemm.attribute[0]) == 1
+    (after,) = _run(model, feeds)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_transpose_into_gemm_leaves_batched_matmul_alone():
+    from ortft.graph.transposed_gemm import TransposeIntoGemm
+
+    model = _tied_head_graph(hidden_rank=3)  # Gemm is 2-D only
+    assert not TransposeIntoGemm().call(model).modified
+    assert [n.op_type for n in model.graph.node] == ["Gather", "Transpose", "MatMul"]

@@ -128,3 +128,30 @@ def test_info_json_round_trips(tiny_llama, tmp_path):
     assert "trainable" in result.output and "lora r=4" in result.output
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "b"), "--json"])
     assert json.loads(result.output)["format"] == "ortft-bundle"
+
+
+def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tmp_path, monkeypatch):
+    """The graph handed to ORT's generator holds no frozen weight; the checkpoint still holds them all."""
+    import onnx
+
+    from ortft.prepare import artifacts
+
+    seen = {}
+    original = artifacts._generate_artifacts
+
+    def spy(module, source, trainable, frozen, *rest):
+        graph = onnx.load(source).graph
+        seen["initializers"] = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
+        seen["inputs"] = {value.name for value in graph.input}
+        seen["trainable"] = set(trainable)
+        return original(module, source, trainable, frozen, *rest)
+
+    monkeypatch.setattr(artifacts, "_generate_artifacts", spy)
+    manifest = prepare_tiny(tiny_llama, tmp_path / "b")
+    assert manifest["frozen"] and seen["initializers"] <= seen["trainable"]
+    assert set(manifest["frozen"]) <= seen["inputs"]
+    session = TrainingSession(tmp_path / "b", threads=1)
+    names = set(session.parameter_names())
+    assert set(manifest["frozen"]) <= names and seen["trainable"] <= names
+    assert not set(manifest["frozen"]) & set(session.input_names)  # parameters again, not user inputs
+    assert validate_bundle(tmp_path / "b", threads=1).ok

@@ -46,3 +46,27 @@ def test_quantized_bundle_reports_errors_evaluates_close_and_trains(tiny_llama, 
         session.train_step_forward_backward(batch)
         session.optimizer_step(5e-3)
     assert _loss(session.evaluate(batch)) < initial - 0.05
+
+
+def test_tied_lm_head_is_read_without_transpose_and_can_be_quantized(tiny_model_factory, tmp_path):
+    """A head tied to the embedding table becomes Gemm(transB=1) on the table, so int4 can cover it too."""
+    tied = tiny_model_factory("llama", tie_word_embeddings=True)
+    float_manifest = prepare_tiny(tied, tmp_path / "fp32")
+    table = next(name for name in float_manifest["frozen"] if name.endswith("embed_tokens.weight"))
+    graph = onnx.load(str(tmp_path / "fp32" / "training_model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "Transpose" and table in n.input]
+    assert any(n.op_type == "Gemm" and table in n.input for n in graph.node)
+    batch = batch_for(float_manifest)
+    float_loss = _loss(TrainingSession(tmp_path / "fp32", threads=1).evaluate(batch))
+
+    manifest = prepare_tiny(tied, tmp_path / "int4", quantize="int4", quantize_embeddings=True)
+    section = manifest["quantization"]
+    assert table in section["layers"] and table not in manifest["frozen"]
+    assert section.get("skipped", {}) == {}
+    session = TrainingSession(tmp_path / "int4", threads=1)
+    initial = _loss(session.evaluate(batch))
+    assert abs(initial - float_loss) < 0.05 * float_loss
+    for _ in range(8):
+        session.train_step_forward_backward(batch)
+        session.optimizer_step(5e-3)
+    assert _loss(session.evaluate(batch)) < initial - 0.05
