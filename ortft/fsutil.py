@@ -9,13 +9,17 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import DiskWriteError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".ortft-tmp-"
 
@@ -110,6 +114,36 @@ def check_output_dir(out: Path, force: bool) -> None:
         )
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Delete temporary folders for `final` left by a process that was killed (SIGKILL, OOM, power loss).
+
+    staged_dir names its folder `.ortft-tmp-<name>-<pid>-<random>`; one whose process no longer exists
+    can never be finished, and for a model it can be gigabytes. Folders of live processes are kept.
+    """
+    removed = []
+    prefix = f"{TEMP_PREFIX}{final.name}-"
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[a-z0-9_]{8}$")  # mkdtemp adds 8 such characters
+    for candidate in final.parent.glob(prefix + "*"):
+        match = pattern.match(candidate.name)
+        if not match or not candidate.is_dir() or _process_alive(int(match.group(1))):
+            continue
+        pid_text = match.group(1)
+        shutil.rmtree(candidate, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run (process %s is gone)", candidate, pid_text)
+        removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success move it to `final` atomically.
@@ -121,7 +155,8 @@ def staged_dir(final: Path, force: bool = False) -> Iterator[Path]:
     check_output_dir(final, force)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + final.name + "-", dir=final.parent))
+        remove_stale_staging(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
         os.chmod(tmp, _default_mode(directory=True))
     except OSError as exc:
         raise disk_error(exc, final) from exc

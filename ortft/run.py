@@ -64,7 +64,9 @@ def write_checkpoint(run_dir: Path, step: int, save_ort_checkpoint, adapter: dic
         save_ort_checkpoint(tmp / ORT_CHECKPOINT)
         (tmp / ADAPTER_FILE).write_bytes(adapter_bytes(adapter, {"step": str(step)}))
         state = dict(state)
-        state["files"] = {name: sha256_file(tmp / name) for name in (ORT_CHECKPOINT, ADAPTER_FILE)}
+        # ORT puts tensors of large models in checkpoint.data beside checkpoint: hash whatever it wrote.
+        written = sorted(path.name for path in tmp.iterdir() if path.name.startswith(ORT_CHECKPOINT))
+        state["files"] = {name: sha256_file(tmp / name) for name in [*written, ADAPTER_FILE]}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
     write_bytes_atomic(run_dir / ADAPTER_FILE, (final / ADAPTER_FILE).read_bytes())
     return final

@@ -56,6 +56,21 @@ def test_write_checkpoint_writes_three_files_with_hashes(tmp_path):
     assert not list((run_dir / runs.CHECKPOINTS).glob(TEMP_PREFIX + "*"))
 
 
+def test_checkpoint_data_file_of_a_large_model_is_hashed_too(tmp_path):
+    """ORT writes checkpoint.data beside checkpoint for large models: damage there must be caught."""
+    def save(path: Path) -> None:
+        Path(path).write_bytes(b"header")
+        Path(str(path) + ".data").write_bytes(b"frozen weights")
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    folder = runs.write_checkpoint(run_dir, 5, save, adapter(5), {"step": 5})
+    assert set(runs.read_state(folder)["files"]) == {"checkpoint", "checkpoint.data", "adapter.safetensors"}
+    assert runs.checkpoint_problem(folder) is None
+    (folder / "checkpoint.data").write_bytes(b"frozen weightz")
+    assert "checkpoint.data" in runs.checkpoint_problem(folder)
+
+
 def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_previous(tmp_path):
     run_dir = make_run(tmp_path, steps=(2,))
     before = (run_dir / runs.ADAPTER_FILE).read_bytes()
