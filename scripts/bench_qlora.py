@@ -161,9 +161,10 @@ def main() -> None:
     variants = []
     for scheme in args.schemes.split(","):
         extra = ["--quantize-embeddings"] if args.quantize_embeddings and scheme != "fp32" else []
-        variants.append((scheme, scheme, extra))
+        label = scheme + "-emb" if extra else scheme
+        variants.append((label, scheme, extra))
         if args.no_recompute_too and scheme != "fp32":
-            variants.append((scheme + "-norecompute", scheme, extra + ["--no-recompute"]))
+            variants.append((label + "-norecompute", scheme, extra + ["--no-recompute"]))
     rows = []
     for label, scheme, extra in variants:
         bundle = work / f"{Path(str(args.model)).name}-{label}"

@@ -6,7 +6,8 @@ weight decay and gradient-norm clipping chosen at prepare time.
 With quantization (QLoRA-style, `Quantization`), the chosen frozen weights are replaced by
 DequantizeLinear of int8/int4 tensors before the gradient graph is built. Those tensors travel as
 graph inputs through ORT's artifact generation (as Constants it would fold them back into float32)
-and become Constant nodes in the generated training and eval graphs; they are never in the checkpoint.
+and then become initializers of the generated training and eval graphs whose bytes are stored once,
+in quantized_weights.data; they are never in the checkpoint.
 The training graph then gets a second DequantizeLinear per weight for its backward pass (recompute).
 
 ORT builds the gradient graph from a weightless skeleton: the frozen float weights leave the loss
@@ -29,7 +30,8 @@ from ..graph.eval_dropout import DisableDropout
 from ..graph.optional_outputs import AddOptionalOutputs
 from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.pretranspose import PretransposeFrozenWeights
-from ..graph.quantize_weights import NODE_PREFIX, InlineInputs, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
+from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 TWO_GB = 2**31 - 1
 QUANTIZE_SCHEMES = ("int8", "int4")
 INT4_OPSET = 21  # DequantizeLinear with int4 and block_size
+QUANTIZED_DATA = "quantized_weights.data"  # the quantized frozen weights, shared by the training and eval graphs
 
 
 @dataclass
@@ -215,10 +218,11 @@ def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
 
     quantizer, settings = loss_graph.quantizer, loss_graph.quantization
     recomputed = 0
+    offsets = write_external_tensors(quantizer.tensors, out_dir / QUANTIZED_DATA)
     for file_name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / file_name
         graph = onnx.load(str(path), load_external_data=False)
-        InlineInputs(quantizer.tensors).call(graph)
+        ExternalizeInputs(quantizer.tensors, QUANTIZED_DATA, offsets).call(graph)
         if file_name == "training_model.onnx" and settings.recompute:
             recomputed = RecomputeDequantize(NODE_PREFIX).call(graph).count
         onnx.save_model(graph, str(path))

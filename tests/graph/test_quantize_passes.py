@@ -119,6 +119,38 @@ def test_as_inputs_then_inline_gives_the_same_graph_outputs():
         np.testing.assert_array_equal(got, want)
 
 
+def test_as_inputs_then_externalize_shares_one_data_file(tmp_path):
+    """Two graphs read the same quantized tensors from one aligned file, with the maths unchanged."""
+    from ortft.graph.external_tensors import ALIGNMENT, ExternalizeInputs, write_external_tensors
+    from ortft.runtime import onnxruntime_module
+
+    ids = np.array([0, 3, 5], np.int64)
+    reference, _ = _mlp(21, np.random.default_rng(2))
+    QuantizeWeights(["W1", "E"], "int4").call(reference)
+    quantizer = QuantizeWeights(["W1", "E"], "int4", as_inputs=True)
+    first, _ = _mlp(21, np.random.default_rng(2))
+    quantizer.call(first)
+    second = onnx.ModelProto()
+    second.CopyFrom(first)
+    offsets = write_external_tensors(quantizer.tensors, tmp_path / "shared.data")
+    assert all(offset % ALIGNMENT == 0 for offset, _ in offsets.values())
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    want = _run(reference, {"ids": ids})
+    for index, model in enumerate((first, second)):
+        assert ExternalizeInputs(quantizer.tensors, "shared.data", offsets).call(model).count == len(quantizer.tensors)
+        assert [v.name for v in model.graph.input] == ["ids"]
+        path = tmp_path / f"graph{index}.onnx"
+        onnx.save_model(model, str(path))
+        stored = [t for t in model.graph.initializer if t.name in quantizer.tensors]
+        assert len(stored) == len(quantizer.tensors)
+        assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in stored)  # bytes in shared.data only
+        got = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
 def _training_like_graph():
     """DQ(W) feeds a forward MatMul and a 'gradient' MatMul (its input ends in _grad), like ORT's graphs."""
     w = np.random.default_rng(3).standard_normal((32, 8)).astype(np.float32)

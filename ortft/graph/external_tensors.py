@@ -1,0 +1,71 @@
+"""Give several graphs the same tensors as initializers stored once, in one external data file.
+
+A QLoRA bundle's quantized weights are read by both the training and the eval graph. Inlined as
+Constant nodes they were stored twice on disk, and every session first parsed them into a protobuf,
+then copied them into its own tensors: a load-time peak of several copies (measured on a random
+1.1B Llama, int8: 4.4 GB after load for 1.5 GB of frozen weights). As initializers whose bytes live in
+one shared file (offsets aligned to 4 KiB) each graph file stays small and ORT reads the bytes
+straight into its tensors.
+
+`write_external_tensors(tensors, path)` writes the file once and returns the offsets;
+`ExternalizeInputs(tensors, location, offsets)` turns the graph inputs of those names into
+initializers that point into it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import GraphPass, PassResult
+
+ALIGNMENT = 4096
+
+
+def write_external_tensors(tensors: dict, path: Path) -> dict[str, tuple[int, int]]:
+    """Write each TensorProto's raw bytes to `path` (aligned); returns name -> (offset, length)."""
+    offsets = {}
+    with open(path, "wb") as handle:
+        position = 0
+        for name, tensor in tensors.items():
+            if not tensor.HasField("raw_data"):
+                raise ValueError(f"tensor {name} has no raw_data to store externally")
+            padding = (-position) % ALIGNMENT
+            handle.write(b"\0" * padding)
+            position += padding
+            handle.write(tensor.raw_data)
+            offsets[name] = (position, len(tensor.raw_data))
+            position += len(tensor.raw_data)
+    return offsets
+
+
+class ExternalizeInputs(GraphPass):
+    """Graph inputs named in `tensors` become initializers whose data is in `location` at `offsets`."""
+
+    def __init__(self, tensors: dict, location: str, offsets: dict[str, tuple[int, int]]):
+        self.tensors = tensors
+        self.location = location
+        self.offsets = offsets
+
+    def call(self, model) -> PassResult:
+        from onnx import TensorProto
+
+        graph = model.graph
+        found = [value.name for value in graph.input if value.name in self.tensors]
+        if not found:
+            return PassResult(model, False, 0)
+        kept = [value for value in graph.input if value.name not in self.tensors]
+        del graph.input[:]
+        graph.input.extend(kept)
+        for name in found:
+            source = self.tensors[name]
+            tensor = TensorProto()
+            tensor.name = name
+            tensor.data_type = source.data_type
+            tensor.dims.extend(source.dims)
+            tensor.data_location = TensorProto.EXTERNAL
+            offset, length = self.offsets[name]
+            for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            graph.initializer.append(tensor)
+        return PassResult(model, True, len(found))
