@@ -72,8 +72,8 @@ class QuantizeWeights(GraphPass):
 
     With `as_inputs=True` they become graph inputs instead (kept in `self.tensors`): ORT's artifact
     generation would constant-fold a DequantizeLinear of Constants back into a float32 initializer,
-    so the bundle builder hides them as inputs and `InlineInputs(self.tensors)` turns them into
-    Constant nodes in the generated graphs.
+    so the bundle builder hides them as inputs and `ExternalizeInputs` (external_tensors.py) turns them into
+    initializers of the generated graphs, stored once in a shared data file.
     """
 
     def __init__(self, names, scheme: str, block_size: int = 32, symmetric: bool = True, as_inputs: bool = False):
@@ -177,23 +177,3 @@ def constant_node(tensor):
     from onnx import helper
 
     return helper.make_node("Constant", [], [tensor.name], name=tensor.name + "_const", value=tensor)
-
-
-class InlineInputs(GraphPass):
-    """Turn the graph inputs named in `tensors` (name -> TensorProto) into Constant nodes holding them."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
-
-    def call(self, model) -> PassResult:
-        graph = model.graph
-        found = [value.name for value in graph.input if value.name in self.tensors]
-        if not found:
-            return PassResult(model, False, 0)
-        kept = [value for value in graph.input if value.name not in self.tensors]
-        del graph.input[:]
-        graph.input.extend(kept)
-        nodes = [constant_node(self.tensors[name]) for name in found] + list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        return PassResult(model, True, len(found))

@@ -1,4 +1,4 @@
-"""Quantization graph passes on tiny hand-built graphs: quantize, opset upgrade, inline, recompute."""
+"""Quantization graph passes on tiny hand-built graphs: quantize, opset upgrade, externalize, recompute."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ortft.graph.opset import UpgradeOpset, default_opset
-from ortft.graph.quantize_weights import InlineInputs, QuantizeWeights, embedding_weights, linear_weights
+from ortft.graph.quantize_weights import QuantizeWeights, embedding_weights, linear_weights
 from ortft.graph.recompute_dequantize import RecomputeDequantize
 
 
@@ -100,23 +100,6 @@ def test_quantize_int4_needs_opset_21():
     model, _ = _mlp(17, np.random.default_rng(0))
     with pytest.raises(ValueError, match="opset 21"):
         QuantizeWeights(["W1"], "int4").call(model)
-
-
-def test_as_inputs_then_inline_gives_the_same_graph_outputs():
-    rng = np.random.default_rng(2)
-    model, _ = _mlp(21, rng)
-    ids = np.array([0, 3, 5], np.int64)
-    reference, _ = _mlp(21, np.random.default_rng(2))
-    QuantizeWeights(["W1", "E"], "int4").call(reference)
-    quantizer = QuantizeWeights(["W1", "E"], "int4", as_inputs=True)
-    quantizer.call(model)
-    names = {v.name for v in model.graph.input}
-    assert set(quantizer.tensors) <= names  # hidden as graph inputs
-    assert InlineInputs(quantizer.tensors).call(model).count == len(quantizer.tensors)
-    assert [v.name for v in model.graph.input] == ["ids"]
-    onnx.checker.check_model(model)
-    for got, want in zip(_run(model, {"ids": ids}), _run(reference, {"ids": ids})):
-        np.testing.assert_array_equal(got, want)
 
 
 def test_as_inputs_then_externalize_shares_one_data_file(tmp_path):
