@@ -125,17 +125,28 @@ def _proximal_hook(global_adapter: dict[str, np.ndarray], mu: float):
     return pull
 
 
+def _fallback_name(context: Context) -> str:
+    """What to call this node in an error reply when its settings cannot even be read."""
+    return str(context.node_config.get("name") or context.node_config.get("data") or context.node_id)
+
+
+def _checked_config(msg: Message, settings: NodeSettings) -> ConfigRecord:
+    """The request's config, after checking that the server trains the bundle this node holds."""
+    config = msg.content["config"]
+    check_bundle(settings, str(config.get("bundle-sha256", "")))
+    return config
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter for `local-steps` on this node's data; reply with the new adapter."""
     from ..train import train as train_loop
 
-    node = str(context.node_config.get("name") or context.node_config.get("data") or context.node_id)
+    node = _fallback_name(context)
     try:
         settings = NodeSettings.from_context(context)
         node = settings.name
-        config = msg.content["config"]
-        check_bundle(settings, str(config.get("bundle-sha256", "")))
+        config = _checked_config(msg, settings)
         global_adapter = from_array_record(msg.content["arrays"])
         with tempfile.TemporaryDirectory(prefix="ortft-federated-") as tmp:
             init = Path(tmp) / "global.safetensors"
@@ -190,12 +201,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     from ..export import check_adapter
     from ..train import evaluate as evaluate_loop
 
-    node = str(context.node_config.get("name") or context.node_config.get("data") or context.node_id)
+    node = _fallback_name(context)
     try:
         settings = NodeSettings.from_context(context)
         node = settings.name
-        config = msg.content["config"]
-        check_bundle(settings, str(config.get("bundle-sha256", "")))
+        config = _checked_config(msg, settings)
         session, manifest, dataset, data_config = _eval_setup(settings, config)
         adapter = from_array_record(msg.content["arrays"])
         check_adapter(manifest, adapter, where="the global adapter")
