@@ -3,7 +3,9 @@
 For each scheme it prepares a bundle (`ortft prepare --quantize ...`), then trains it in a fresh
 process and reports: bundle bytes (all files, and the training files without the inference template
 and tokenizer), frozen-weight bytes before/after (manifest), training peak RSS (ru_maxrss of the
-training process, which loads the bundle and runs the steps), tokens/s (after one warm-up step), and
+training process, which loads the bundle and runs the steps), peak PSS (sampled after every step: the
+quantized weights file is mapped by both the training and the eval session, which RSS counts twice and
+PSS once), tokens/s (after one warm-up step), and
 validation loss at init and after the steps (data/sft, 1 x SEQ batches; the same data, order and
 steps for every scheme). Prints a table, then the JSON.
 
@@ -86,6 +88,14 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def pss_mb() -> float:
+        """Proportional set size: a page mapped twice (the training and the eval session both map
+        quantized_weights.data) counts once, as it occupies memory once; RSS counts it per mapping."""
+        for line in open("/proc/self/smaps_rollup", encoding="ascii"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def first_output(outputs):
         return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
@@ -99,17 +109,20 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
     valid = batches(bundle, "valid", valid_batches, seq)
     init_loss = evaluate(session, valid)
     timings = []
+    peak_pss = pss_mb()
     for batch in train:
         started = time.perf_counter()
         session.train_step_forward_backward(batch)
         session.optimizer_step(lr)
         timings.append(time.perf_counter() - started)
+        peak_pss = max(peak_pss, pss_mb())
     final_loss = evaluate(session, valid)
     steady = timings[1:] or timings
     return {
         "rss_before_load_mb": round(before_load, 1),
         "rss_after_load_mb": round(after_load, 1),
         "peak_rss_mb": round(rss_mb(), 1),
+        "peak_pss_mb": round(peak_pss, 1),  # sampled after load and after every step
         "step_s": round(sum(steady) / len(steady), 3),
         "tokens_per_s": round(seq / (sum(steady) / len(steady)), 1),
         "valid_loss_init": round(init_loss, 4),
@@ -186,10 +199,11 @@ def main() -> None:
         if base:
             row["frozen_ratio"] = round(row["frozen_mb_after"] / base["frozen_mb_after"], 3)
             row["peak_rss_ratio"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
+            row["peak_pss_ratio"] = round(row["peak_pss_mb"] / base["peak_pss_mb"], 3)
             row["slowdown"] = round(base["tokens_per_s"] / row["tokens_per_s"], 2)
             row["drop_vs_fp32"] = round(row["valid_loss_drop"] / base["valid_loss_drop"], 3) if base["valid_loss_drop"] else None
     columns = ["variant", "bundle_mb", "training_files_mb", "frozen_mb_after", "frozen_ratio", "peak_rss_mb",
-               "peak_rss_ratio", "tokens_per_s", "slowdown", "valid_loss_init", "valid_loss_final", "drop_vs_fp32"]
+               "peak_rss_ratio", "peak_pss_mb", "peak_pss_ratio", "tokens_per_s", "slowdown", "valid_loss_init", "valid_loss_final", "drop_vs_fp32"]
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(str(row.get(column)) for column in columns))
