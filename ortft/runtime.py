@@ -94,6 +94,23 @@ def use_exact_size_arena(options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
+
+
+def keep_dequantize_separate(options) -> None:
+    """Session graph optimisation up to level 1 only, for bundles with quantized frozen weights.
+
+    At level 2 ORT fuses each int4 DequantizeLinear + MatMul of the forward pass into MatMulNBits,
+    which repacks the weight into a new initializer (a second copy per session, beside the original the
+    backward's DequantizeLinear still reads) and, by default, runs with int8 activations. Measured on a
+    random 1.1B Llama, int4 with embeddings, 1 x 128: peak RSS 3.93 -> 3.13 GB, PSS 3.89 -> 2.47 GB, the
+    same step time (5.9 s). The training graphs already carry ORT's training fusions (FusedMatMul,
+    QuickGelu, SimplifiedLayerNormalization) from artifact generation.
+    """
+    ort = onnxruntime_module()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
 class TrainingSession:
     """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
 
@@ -114,6 +131,8 @@ class TrainingSession:
         options = session_options(threads, verbose)
         if device == "cpu":
             use_exact_size_arena(options)
+        if (bundle_dir / QUANTIZED_DATA).exists():
+            keep_dequantize_separate(options)
         self.module = api.Module(
             str(bundle_dir / "training_model.onnx"),
             self.state,

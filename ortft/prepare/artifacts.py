@@ -35,13 +35,13 @@ from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_wei
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
+from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
 
 log = logging.getLogger(__name__)
 
 TWO_GB = 2**31 - 1
 QUANTIZE_SCHEMES = ("int8", "int4")
 INT4_OPSET = 21  # DequantizeLinear with int4 and block_size
-QUANTIZED_DATA = "quantized_weights.data"  # the quantized frozen weights, shared by the training and eval graphs
 
 
 @dataclass
