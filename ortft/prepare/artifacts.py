@@ -103,10 +103,10 @@ class LossGraph:
     opset: int
     frozen_bytes_before: int
     float_frozen_bytes_after: int
+    frozen_store: Path  # the frozen weights, serialized TensorProtos back to back
+    frozen_index: list[tuple[str, int, int]]  # (name, offset, length) in frozen_store
     quantizer: QuantizeWeights | None = None
     quantization: Quantization | None = None
-    frozen_store: Path | None = None  # the frozen weights, serialized TensorProtos back to back
-    frozen_index: list[tuple[str, int, int]] | None = None  # (name, offset, length) in frozen_store
 
 
 def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[str, int, int]]:
@@ -175,7 +175,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
     else:
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
-                     float_frozen_bytes_after, quantizer, quantization, frozen_store, frozen_index)
+                     float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization)
 
 
 def generate(
@@ -196,10 +196,8 @@ def generate(
 
     onnxruntime.set_default_logger_severity(3)
     with native_stderr_captured(enabled=not verbose):
-        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, [], weight_decay,
-                            max_grad_norm, out_dir)
-        if loss_graph.frozen_store is not None:
-            _write_checkpoint(loss_graph, out_dir / "checkpoint")
+        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
+        _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
     result = {"pretransposed_frozen_weights": loss_graph.pretransposed}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
@@ -253,11 +251,12 @@ def _float_bytes(model, trainable: set[str]) -> int:
                    if t.name not in trainable and _is_float(t)))
 
 
-def _generate_artifacts(artifacts, source, trainable_set, frozen, weight_decay, max_grad_norm, out_dir) -> None:
+def _generate_artifacts(artifacts, source, trainable_set, weight_decay, max_grad_norm, out_dir) -> None:
+    """ORT's generator on the weightless skeleton: the frozen weights are plain inputs, not parameters."""
     artifacts.generate_artifacts(
         source,
         requires_grad=sorted(trainable_set),
-        frozen_params=frozen,
+        frozen_params=[],
         loss=None,
         optimizer=optimizer_block(weight_decay, max_grad_norm),
         artifact_directory=str(out_dir),

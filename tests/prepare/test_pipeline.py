@@ -139,12 +139,12 @@ def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tm
     seen = {}
     original = artifacts._generate_artifacts
 
-    def spy(module, source, trainable, frozen, *rest):
+    def spy(module, source, trainable, *rest):
         graph = onnx.load(source).graph
         seen["initializers"] = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
         seen["inputs"] = {value.name for value in graph.input}
         seen["trainable"] = set(trainable)
-        return original(module, source, trainable, frozen, *rest)
+        return original(module, source, trainable, *rest)
 
     monkeypatch.setattr(artifacts, "_generate_artifacts", spy)
     manifest = prepare_tiny(tiny_llama, tmp_path / "b")
