@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import warnings
 from pathlib import Path
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+RAW_EXPORT_DIR = ".raw-export"
 ONNX_DTYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 11: "float64"}
 
 
@@ -25,12 +27,16 @@ def export_inference_template(model, out_dir: Path, opset: int = 17) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_config = _onnx_config(model)
-    raw_path = out_dir / (MODEL_FILE + ".raw")
+    # torch writes a model over 2 GB as one file per weight beside the .onnx; a scratch folder keeps
+    # those out of the bundle (a 1.1B model's template was stored twice, 8.8 GB instead of 4.4).
+    scratch = out_dir / RAW_EXPORT_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     try:
-        _torch_export(model, onnx_config, raw_path, opset)
-        graph_model = onnx.load(str(raw_path))
+        _torch_export(model, onnx_config, scratch / MODEL_FILE, opset)
+        graph_model = onnx.load(str(scratch / MODEL_FILE))
     finally:
-        raw_path.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     _drop_initializer_inputs(graph_model)
     weights = linear_weight_map(model, graph_model)
     _save_external(graph_model, out_dir)

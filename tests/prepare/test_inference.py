@@ -128,3 +128,24 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     model.config.return_dict = False
     export_inference_template(model, tmp_path)
     assert model.training and model.config.return_dict is False
+
+
+def test_a_raw_export_with_one_file_per_weight_leaves_only_the_template(tmp_path, monkeypatch):
+    """torch.onnx.export writes models over 2 GB as one external file per weight; none may stay behind."""
+    from ortft.prepare import inference
+
+    real_export = inference._torch_export
+
+    def export_like_a_large_model(model, onnx_config, path, opset):
+        real_export(model, onnx_config, path, opset)
+        raw = onnx.load(str(path))
+        onnx.save_model(raw, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    monkeypatch.setattr(inference, "_torch_export", export_like_a_large_model)
+    model = _model("llama")
+    inference.export_inference_template(model, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    from tiny_bundle import onnx_logits, torch_logits
+
+    input_ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, 7)).astype(np.int64)
+    np.testing.assert_allclose(onnx_logits(tmp_path / "model.onnx", input_ids), torch_logits(model, input_ids), atol=1e-4, rtol=0)
