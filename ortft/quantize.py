@@ -52,6 +52,19 @@ class QuantizedWeight:
             total += (self.zero_point.size * bits + 7) // 8
         return int(total)
 
+    def columns(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output columns [start, stop) of an [in, out] weight (axis 0): exactly what quantizing them alone gives.
+
+        Scales (and zero points) run along the input axis, one per output column and block, so a
+        column slice of every array is the quantization of the column slice of the weight.
+        """
+        if self.axis != 0:
+            raise ValueError("column slices need the groups along axis 0 (an [in, out] weight)")
+        zero_point = None if self.zero_point is None else np.ascontiguousarray(self.zero_point[..., start:stop])
+        return QuantizedWeight(self.scheme, np.ascontiguousarray(self.q[:, start:stop]),
+                               np.ascontiguousarray(self.scale[..., start:stop]), zero_point, 0, self.block_size,
+                               (self.shape[0], stop - start) if self.shape else ())
+
 
 def _expand_blocks(values: np.ndarray, axis: int, block_size: int, length: int) -> np.ndarray:
     return np.repeat(values, block_size, axis=axis).take(np.arange(length), axis=axis)

@@ -11,6 +11,13 @@ directly (a pre-transposed [in, out] weight), axis 1 otherwise ([out, in], e.g. 
 an embedding table read by Gather). int8 is per output channel (opset 13); int4 is blocked (opset 21).
 `self.layers` holds, per quantized tensor, its bytes before/after and the error statistics.
 
+A weight far larger than the others (an untied LM head: 32000 x 2048 on a 1.1B Llama, 262 MB once
+dequantized) is split into column parts of at most `part_elements` values, each with its own
+DequantizeLinear and MatMul, joined by a Concat on the last axis. Only one part's float32 copy exists
+at a time, also in the backward pass, where the dequantized head otherwise sits on top of every saved
+activation at the peak. Splitting the output columns changes no value: the scales run along the input
+axis, so each part is exactly the quantization of those columns.
+
 Weights read through a Transpose are left in float (listed in `self.skipped`): ORT 1.19's QDQ
 propagation moves a DequantizeLinear past a Transpose by inserting a QuantizeLinear that cannot be
 int4, and the session fails to load. Frozen linear weights are pre-transposed before this pass, so
@@ -24,6 +31,7 @@ from .opset import default_opset
 
 DEQUANTIZED_SUFFIX = "_dequantized"
 NODE_PREFIX = "ortft_dq/"
+PART_ELEMENTS = 1 << 23  # 8 Mi values = 32 MiB dequantized: above any 1B model's MLP weight (2048 x 5632)
 
 
 def consumers_of(graph) -> dict[str, list]:
@@ -76,8 +84,10 @@ class QuantizeWeights(GraphPass):
     initializers of the generated graphs, stored once in a shared data file.
     """
 
-    def __init__(self, names, scheme: str, block_size: int = 32, symmetric: bool = True, as_inputs: bool = False):
+    def __init__(self, names, scheme: str, block_size: int = 32, symmetric: bool = True, as_inputs: bool = False,
+                 part_elements: int | None = None):
         self.names = list(dict.fromkeys(names))
+        self.part_elements = PART_ELEMENTS if part_elements is None else part_elements  # 0: never split
         self.scheme = scheme
         self.block_size = block_size
         self.symmetric = symmetric
@@ -100,6 +110,7 @@ class QuantizeWeights(GraphPass):
         consumers = consumers_of(graph)
         graph_outputs = {value.name for value in graph.output}
         new_nodes = []
+        replaced: dict[int, list] = {}  # id(MatMul) -> the nodes that compute it part by part
         removed = set()
         for tensor in graph.initializer:
             name = tensor.name
@@ -114,14 +125,24 @@ class QuantizeWeights(GraphPass):
             weight = numpy_helper.to_array(tensor)
             axis = input_axis(name, users)
             quantized = quantize(weight, self.scheme, axis, self.block_size, self.symmetric)
-            dq_name = name + DEQUANTIZED_SUFFIX
-            new_nodes.extend(self._nodes(name, dq_name, quantized))
-            for node in users:
-                for index, value in enumerate(node.input):
-                    if value == name:
-                        node.input[index] = dq_name
+            parts = self._column_parts(weight.shape, axis)
+            if len(parts) == 1:
+                dq_name = name + DEQUANTIZED_SUFFIX
+                new_nodes.extend(self._nodes(name, dq_name, quantized))
+                for node in users:
+                    for index, value in enumerate(node.input):
+                        if value == name:
+                            node.input[index] = dq_name
+            else:
+                dq_names = []
+                for number, (start, stop) in enumerate(parts):
+                    dq_names.append(f"{name}/part{number}{DEQUANTIZED_SUFFIX}")
+                    new_nodes.extend(self._nodes(f"{name}/part{number}", dq_names[-1], quantized.columns(start, stop)))
+                for node in users:
+                    replaced[id(node)] = _split_matmul(node, dq_names)
             self.layers[name] = {
                 "shape": list(weight.shape),
+                "parts": len(parts),
                 "axis": axis,
                 "bytes_before": int(weight.nbytes),
                 "bytes_after": quantized.nbytes(),
@@ -137,11 +158,22 @@ class QuantizeWeights(GraphPass):
         inputs = [value for value in graph.input if value.name not in removed]
         del graph.input[:]
         graph.input.extend(inputs)
-        nodes = new_nodes + list(graph.node)
+        nodes = list(new_nodes)
+        for node in graph.node:
+            nodes.extend(replaced.get(id(node), [node]))
         del graph.node[:]
         graph.node.extend(nodes)
         graph.input.extend(self._new_inputs)
         return PassResult(model, True, len(removed))
+
+    def _column_parts(self, shape, axis: int) -> list[tuple[int, int]]:
+        """[(start, stop)] output-column ranges: one range unless an [in, out] weight is over two parts' size."""
+        rows, columns = shape
+        if axis != 0 or not self.part_elements or rows * columns <= 2 * self.part_elements:
+            return [(0, columns)]
+        count = -(-rows * columns // self.part_elements)
+        width = -(-columns // count)
+        return [(start, min(start + width, columns)) for start in range(0, columns, width)]
 
     def _nodes(self, name: str, dq_name: str, quantized) -> list:
         from onnx import TensorProto, helper, numpy_helper
@@ -171,6 +203,19 @@ class QuantizeWeights(GraphPass):
         inputs = [tensor.name for tensor in tensors]
         nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_name], name=prefix + "/DequantizeLinear", **attributes))
         return nodes
+
+
+def _split_matmul(node, dq_names: list[str]) -> list:
+    """MatMul(x, W) -> Concat(MatMul(x, W_0), MatMul(x, W_1), ...) along the last axis, same output name."""
+    from onnx import helper
+
+    parts = []
+    for number, dq_name in enumerate(dq_names):
+        parts.append(helper.make_node("MatMul", [node.input[0], dq_name], [f"{node.output[0]}/part{number}"],
+                                      name=f"{node.name or node.output[0]}/part{number}"))
+    parts.append(helper.make_node("Concat", [part.output[0] for part in parts], [node.output[0]], axis=-1,
+                                  name=f"{node.name or node.output[0]}/concat"))
+    return parts
 
 
 def constant_node(tensor):

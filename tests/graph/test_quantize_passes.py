@@ -212,3 +212,35 @@ def test_recompute_leaves_forward_only_dequantize_alone():
     model.graph.node.extend(nodes)
     del model.graph.output[1]
     assert not RecomputeDequantize().call(model).modified
+
+
+@pytest.mark.parametrize("scheme,symmetric,opset", [("int8", True, 17), ("int4", True, 21), ("int4", False, 21)])
+def test_a_large_weight_is_split_into_column_parts_with_the_same_values(scheme, symmetric, opset):
+    """W1 [64, 32] with parts of at most 500 values: 5 DequantizeLinear + MatMul pairs joined by a Concat."""
+    rng = np.random.default_rng(3)
+    whole, _ = _mlp(opset, rng)
+    split = onnx.ModelProto()
+    split.CopyFrom(whole)
+    ids = np.array([1, 4, 9], np.int64)
+    whole_quantizer = QuantizeWeights(["W1"], scheme, block_size=32, symmetric=symmetric, part_elements=0)
+    split_quantizer = QuantizeWeights(["W1"], scheme, block_size=32, symmetric=symmetric, part_elements=500)
+    whole_quantizer.call(whole)
+    split_quantizer.call(split)
+    onnx.checker.check_model(split)
+    assert split_quantizer.layers["W1"]["parts"] == 5 and whole_quantizer.layers["W1"]["parts"] == 1
+    assert sum(n.op_type == "DequantizeLinear" for n in split.graph.node) == 5
+    concat = next(n for n in split.graph.node if n.op_type == "Concat")
+    assert list(concat.output) == ["h1"] and len(concat.input) == 5
+    assert not any(n.op_type == "MatMul" and "W1_dequantized" in n.input for n in split.graph.node)
+    assert split_quantizer.layers["W1"]["bytes_after"] == whole_quantizer.layers["W1"]["bytes_after"]
+    for got, want in zip(_run(split, {"ids": ids}), _run(whole, {"ids": ids})):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_read_as_out_in_are_never_split():
+    """E is read by Gather ([out, in], groups on axis 1): column parts would not be a valid table."""
+    model, _ = _mlp(21, np.random.default_rng(0))
+    quantizer = QuantizeWeights(["E"], "int4", part_elements=16)
+    quantizer.call(model)
+    assert quantizer.layers["E"]["parts"] == 1
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 1
