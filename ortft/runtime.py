@@ -111,6 +111,18 @@ def keep_dequantize_separate(options) -> None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
+def without_arena(options) -> None:
+    """No CPU memory arena, for bundles with quantized frozen weights: freed tensors go back to the system.
+
+    Both the training and the eval session map quantized_weights.data. With an arena the memory of the
+    last training step stays held, so evaluating mapped the file a second time on top of it: random
+    1.1B Llama, int4 with embeddings, 1 x 128, peak RSS 3123 MB with the arena, 2419 MB without, the same
+    step time (7.7 s over 5 steps either way). Float32 bundles keep the arena (`use_exact_size_arena`):
+    there it saves ~30% of step time on SmolLM2 at 4 x 256.
+    """
+    options.enable_cpu_mem_arena = False
+
+
 class TrainingSession:
     """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
 
@@ -129,10 +141,12 @@ class TrainingSession:
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else bundle_dir / "checkpoint"
         self.state = api.CheckpointState.load_checkpoint(str(self.checkpoint_path))
         options = session_options(threads, verbose)
-        if device == "cpu":
-            use_exact_size_arena(options)
-        if (bundle_dir / QUANTIZED_DATA).exists():
+        quantized = (bundle_dir / QUANTIZED_DATA).exists()
+        if quantized:
             keep_dequantize_separate(options)
+            without_arena(options)
+        elif device == "cpu":
+            use_exact_size_arena(options)
         self.module = api.Module(
             str(bundle_dir / "training_model.onnx"),
             self.state,

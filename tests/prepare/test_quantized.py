@@ -70,3 +70,51 @@ def test_tied_lm_head_is_read_without_transpose_and_can_be_quantized(tiny_model_
         session.train_step_forward_backward(batch)
         session.optimizer_step(5e-3)
     assert _loss(session.evaluate(batch)) < initial - 0.05
+
+
+def test_a_large_lm_head_is_dequantized_in_parts_and_trains_the_same(tiny_llama, tmp_path, monkeypatch):
+    """The untied head [64, 320] over two parts' size is split in 5 column parts; losses do not change."""
+    import ortft.graph.quantize_weights as quantize_weights
+
+    whole = prepare_tiny(tiny_llama, tmp_path / "whole", quantize="int4", quantize_embeddings=True)
+    monkeypatch.setattr(quantize_weights, "PART_ELEMENTS", 5000)  # MLP weights (8192 values) stay whole
+    split = prepare_tiny(tiny_llama, tmp_path / "split", quantize="int4", quantize_embeddings=True)
+    head = next(name for name in split["quantization"]["layers"] if name.endswith("lm_head.weight"))
+    assert split["quantization"]["layers"][head]["parts"] == 5 and whole["quantization"]["layers"][head]["parts"] == 1
+    assert [layer["parts"] for name, layer in split["quantization"]["layers"].items() if name != head] == \
+        [1] * (len(split["quantization"]["layers"]) - 1)
+    # Each part gets its own backward DequantizeLinear.
+    assert split["quantization"]["recomputed_for_backward"] == whole["quantization"]["recomputed_for_backward"] + 4
+    batch = batch_for(whole)
+    sessions = [TrainingSession(tmp_path / name, threads=1) for name in ("whole", "split")]
+    for _ in range(3):
+        losses = [_loss(session.train_step_forward_backward(batch)) for session in sessions]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        for session in sessions:
+            session.optimizer_step(5e-3)
+    assert _loss(sessions[1].evaluate(batch)) == pytest.approx(_loss(sessions[0].evaluate(batch)), rel=1e-5)
+
+
+def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(tiny_llama, tmp_path, monkeypatch):
+    """The session settings runtime.py documents: QLoRA sessions keep DequantizeLinear separate, no arena."""
+    from ortft import runtime
+
+    api = runtime.training_api()
+    ort = runtime.onnxruntime_module()
+    seen = []
+    real_module = api.Module
+
+    def spy(*args, session_options=None, **kwargs):
+        seen.append(session_options)
+        return real_module(*args, session_options=session_options, **kwargs)
+
+    monkeypatch.setattr(api, "Module", spy)
+    prepare_tiny(tiny_llama, tmp_path / "fp32")
+    prepare_tiny(tiny_llama, tmp_path / "int4", quantize="int4")
+    TrainingSession(tmp_path / "fp32", threads=1)
+    TrainingSession(tmp_path / "int4", threads=1)
+    float_options, quantized_options = seen
+    assert float_options.enable_cpu_mem_arena and float_options.get_session_config_entry("session.use_env_allocators") == "1"
+    assert float_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert not quantized_options.enable_cpu_mem_arena
+    assert quantized_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
