@@ -32,6 +32,7 @@ from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.pretranspose import PretransposeFrozenWeights
 from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
 from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
@@ -184,6 +185,7 @@ def generate(
     weight_decay: float,
     max_grad_norm: float | None,
     verbose: bool = False,
+    recompute_activations: bool = True,
 ) -> dict:
     """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
 
@@ -201,6 +203,7 @@ def generate(
     result = {"pretransposed_frozen_weights": loss_graph.pretransposed}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
+    result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
@@ -208,6 +211,17 @@ def generate(
         onnx.save_model(eval_model, str(eval_path))
     result["eval_dropout_disabled"] = dropout_off
     return result
+
+
+def _recompute_activations(path: Path) -> int:
+    """Clone cheap elementwise activations for the backward pass (ortft/graph/recompute.py); returns how many."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    count = RecomputeActivations().call(graph).count
+    if count:
+        onnx.save_model(graph, str(path))
+    return count
 
 
 def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:

@@ -249,7 +249,8 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
-            passes = artifacts.generate(loss_graph, stage_dir, config.weight_decay, config.max_grad_norm, config.verbose)
+            passes = artifacts.generate(loss_graph, stage_dir, config.weight_decay, config.max_grad_norm, config.verbose,
+                                        recompute_activations=config.recompute_activations)
             quantization_section = passes.pop("quantization", None)
         with reporter.stage("writing the manifest"):
             shutil.rmtree(work_dir)
