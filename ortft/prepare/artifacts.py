@@ -185,7 +185,7 @@ def generate(
     weight_decay: float,
     max_grad_norm: float | None,
     verbose: bool = False,
-    recompute_activations: bool = False,
+    recompute_activations: bool = True,
 ) -> dict:
     """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
 

@@ -110,8 +110,8 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
 
     from prepare.helpers import batch_for, prepare_tiny
 
-    plain = prepare_tiny(tiny_llama, tmp_path / "plain")  # the default: off
-    recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed", recompute_activations=True)
+    plain = prepare_tiny(tiny_llama, tmp_path / "plain", recompute_activations=False)
+    recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed")  # the default
     assert plain["graph_patches"]["recomputed_activations"] == 0
     assert recomputed["graph_patches"]["recomputed_activations"] == 2 * plain["model"]["num_layers"]  # act, act * up
     batch = batch_for(plain)

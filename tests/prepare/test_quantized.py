@@ -96,7 +96,8 @@ def test_a_large_lm_head_is_dequantized_in_parts_and_trains_the_same(tiny_llama,
 
 
 def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(tiny_llama, tmp_path, monkeypatch):
-    """The session settings runtime.py documents: QLoRA sessions keep DequantizeLinear separate, no arena."""
+    """The session settings runtime.py documents: no planned buffer reuse; QLoRA sessions keep
+    DequantizeLinear separate and run without arena."""
     from ortft import runtime
 
     api = runtime.training_api()
@@ -116,5 +117,6 @@ def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(ti
     float_options, quantized_options = seen
     assert float_options.enable_cpu_mem_arena and float_options.get_session_config_entry("session.use_env_allocators") == "1"
     assert float_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert not float_options.enable_mem_reuse and not quantized_options.enable_mem_reuse
     assert not quantized_options.enable_cpu_mem_arena
     assert quantized_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
