@@ -136,17 +136,20 @@ def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: 
     total_tokens = 0
     examples = 0
     correct = 0
-    for batch in iter_eval_batches(dataset, data_config, max_batches):
-        if batch.num_label_tokens == 0:
-            continue
-        outputs = session.evaluate(batch.inputs)
-        loss = scalar(outputs)
-        total_loss += loss * batch.num_label_tokens
-        total_tokens += batch.num_label_tokens
-        examples += batch.num_examples
-        if task == "seq-cls":
-            logits = np.asarray(outputs[1])
-            correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
+    try:
+        for batch in iter_eval_batches(dataset, data_config, max_batches):
+            if batch.num_label_tokens == 0:
+                continue
+            outputs = session.evaluate(batch.inputs)
+            loss = scalar(outputs)
+            total_loss += loss * batch.num_label_tokens
+            total_tokens += batch.num_label_tokens
+            examples += batch.num_examples
+            if task == "seq-cls":
+                logits = np.asarray(outputs[1])
+                correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
+    finally:
+        session.evaluation_done()
     if total_tokens == 0:
         raise RunError("the validation data holds no position to evaluate", hint="check the validation file")
     return EvalResult(total_loss / total_tokens, total_tokens, examples, correct / examples if task == "seq-cls" else None)

@@ -3,9 +3,9 @@
 For each scheme it prepares a bundle (`ortft prepare --quantize ...`), then trains it in a fresh
 process and reports: bundle bytes (all files, and the training files without the inference template
 and tokenizer), frozen-weight bytes before/after (manifest), training peak RSS (ru_maxrss of the
-training process, which loads the bundle and runs the steps), peak PSS (sampled after every step: the
-quantized weights file is mapped by both the training and the eval session, which RSS counts twice and
-PSS once), tokens/s (after one warm-up step), and
+training process, which loads the bundle and runs the steps), peak PSS (sampled every 10 ms by a
+separate process: the quantized weights file is mapped by both the training and the eval session, which
+RSS counts per mapping and PSS once), tokens/s (after one warm-up step), and
 validation loss at init and after the steps (data/sft, 1 x SEQ batches; the same data, order and
 steps for every scheme). Prints a table, then the JSON.
 
@@ -88,19 +88,17 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def pss_mb() -> float:
-        """Proportional set size: a page mapped twice (the training and the eval session both map
-        quantized_weights.data) counts once, as it occupies memory once; RSS counts it per mapping."""
-        for line in open("/proc/self/smaps_rollup", encoding="ascii"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
     def first_output(outputs):
         return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
     def evaluate(session, data):
-        return float(np.mean([float(np.asarray(first_output(session.evaluate(b)))) for b in data]))
+        loss = float(np.mean([float(np.asarray(first_output(session.evaluate(b)))) for b in data]))
+        session.evaluation_done()  # as `ortft train` does after each evaluation
+        return loss
+
+    # ORT holds the GIL during a step, so a thread cannot sample inside it: a separate process does.
+    pss_file = Path(f"/tmp/ortft-bench-pss-{os.getpid()}.txt")
+    sampler = subprocess.Popen([sys.executable, __file__, "--sample-pss", str(os.getpid()), str(pss_file)])
 
     before_load = rss_mb()
     session = TrainingSession(bundle, threads=threads)
@@ -109,26 +107,46 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
     valid = batches(bundle, "valid", valid_batches, seq)
     init_loss = evaluate(session, valid)
     timings = []
-    peak_pss = pss_mb()
     for batch in train:
         started = time.perf_counter()
         session.train_step_forward_backward(batch)
         session.optimizer_step(lr)
         timings.append(time.perf_counter() - started)
-        peak_pss = max(peak_pss, pss_mb())
     final_loss = evaluate(session, valid)
+    sampler.terminate()
+    sampler.wait()
+    peak_pss = float(pss_file.read_text() or "nan") if pss_file.exists() else float("nan")
+    pss_file.unlink(missing_ok=True)
     steady = timings[1:] or timings
     return {
         "rss_before_load_mb": round(before_load, 1),
         "rss_after_load_mb": round(after_load, 1),
         "peak_rss_mb": round(rss_mb(), 1),
-        "peak_pss_mb": round(peak_pss, 1),  # sampled after load and after every step
+        "peak_pss_mb": round(peak_pss, 1),  # sampled every 10 ms by a separate process
         "step_s": round(sum(steady) / len(steady), 3),
         "tokens_per_s": round(seq / (sum(steady) / len(steady)), 1),
         "valid_loss_init": round(init_loss, 4),
         "valid_loss_final": round(final_loss, 4),
         "valid_loss_drop": round(init_loss - final_loss, 4),
     }
+
+
+def sample_pss(pid: int, out: Path) -> None:
+    """Until `pid` exits or this process is terminated: write the highest Pss of `pid` seen so far (MB)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    peak = 0.0
+    while True:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+                pss = next(int(line.split()[1]) / 1024 for line in rollup if line.startswith("Pss:"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            return
+        if pss > peak:
+            peak = pss
+            out.write_text(f"{peak:.1f}")
+        time.sleep(0.01)
 
 
 def bundle_facts(bundle: Path) -> dict:
@@ -164,7 +182,11 @@ def main() -> None:
     parser.add_argument("--no-recompute-too", action="store_true", help="also measure the quantized bundles without recompute")
     parser.add_argument("--reuse", action="store_true", help="reuse bundles already in --work")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sample-pss", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sample_pss:
+        sample_pss(int(args.sample_pss[0]), Path(args.sample_pss[1]))
+        return
     if args.measure:
         print(json.dumps(measure(Path(args.measure), args.steps, args.seq, args.lr, args.threads, args.valid_batches)))
         return

@@ -1,0 +1,43 @@
+"""Tests of ortft/runtime.py helpers that do not need a bundle."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import pytest
+
+from ortft.runtime import drop_mapped_pages
+
+
+def _resident_kb(path) -> int:
+    """Rss of this process's mappings of `path`, from /proc/self/smaps."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            if "-" in line.split(maxsplit=1)[0] and not line.startswith(("Rss", "Pss")):
+                inside = line.rstrip().endswith(target)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the helper does nothing elsewhere")
+def test_dropped_pages_leave_the_resident_set_and_read_back_the_same(tmp_path):
+    path = tmp_path / "weights.data"
+    data = bytes(range(256)) * (4 * 1024 * 4)  # 4 MiB
+    path.write_bytes(data)
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        assert mapped[:] == data  # every page read, so resident
+        assert _resident_kb(path) >= 4096
+        assert drop_mapped_pages(path) >= len(data)
+        assert _resident_kb(path) < 64
+        assert mapped[:] == data  # paged back in from the page cache
+        mapped.close()
+
+
+def test_nothing_mapped_means_nothing_dropped(tmp_path):
+    path = tmp_path / "never-mapped.data"
+    path.write_bytes(b"x" * 8192)
+    assert drop_mapped_pages(path) == 0
