@@ -137,11 +137,12 @@ def without_arena(options) -> None:
 
 
 def drop_mapped_pages(path) -> int:
-    """madvise(MADV_DONTNEED) every mapping of `path` in this process; returns the bytes of those mappings.
+    """madvise(MADV_DONTNEED) this process's unmodified mappings of `path`; returns the bytes of those mappings.
 
-    For a read-only file mapping this only drops the pages from this process's resident set: the data
-    stays in the page cache and the next read maps it back (a minor fault, no disk read). Linux only;
-    elsewhere nothing happens.
+    ORT maps each external tensor on its own (private, writable); a mapping none of whose pages was
+    written (no anonymous pages in /proc/self/smaps) only holds page-cache pages, so dropping it only
+    removes them from this process's resident set: the next read maps them back (a minor fault, no disk
+    read). Mappings with written pages are left alone. Linux only; elsewhere nothing happens.
     """
     import ctypes
     import mmap
@@ -151,16 +152,24 @@ def drop_mapped_pages(path) -> int:
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     target = str(Path(path).resolve())
+    regions = []  # [start, end, anonymous kB] of each mapping of `target`
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        current = None
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                current = None
+                if line.rstrip().endswith(target):
+                    start, end = (int(value, 16) for value in head.split("-"))
+                    current = [start, end, 0]
+                    regions.append(current)
+            elif current is not None and head == "Anonymous:":
+                current[2] = int(line.split()[1])
     libc = ctypes.CDLL(None, use_errno=True)
     dropped = 0
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[5].strip() != target or "w" in fields[1]:
-                continue
-            start, end = (int(value, 16) for value in fields[0].split("-"))
-            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
-                dropped += end - start
+    for start, end, anonymous_kb in regions:
+        if anonymous_kb == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
+            dropped += end - start
     return dropped
 
 

@@ -41,3 +41,16 @@ def test_nothing_mapped_means_nothing_dropped(tmp_path):
     path = tmp_path / "never-mapped.data"
     path.write_bytes(b"x" * 8192)
     assert drop_mapped_pages(path) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the helper does nothing elsewhere")
+def test_a_private_mapping_with_written_pages_is_left_alone(tmp_path):
+    """ORT maps tensors private and writable; a written page exists only in memory and must survive."""
+    path = tmp_path / "weights.data"
+    path.write_bytes(b"\0" * (1 << 20))
+    with open(path, "r+b") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        mapped[0:5] = b"wrote"
+        assert drop_mapped_pages(path) == 0
+        assert mapped[0:5] == b"wrote"
+        mapped.close()
