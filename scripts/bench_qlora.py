@@ -4,7 +4,7 @@ For each scheme it prepares a bundle (`ortft prepare --quantize ...`), then trai
 process and reports: bundle bytes (all files, and the training files without the inference template
 and tokenizer), frozen-weight bytes before/after (manifest), training peak RSS (ru_maxrss of the
 training process, which loads the bundle and runs the steps), peak PSS (sampled every 10 ms by a
-separate process: the quantized weights file is mapped by both the training and the eval session, which
+separate process during two extra, untimed steps after the final evaluation: the quantized weights file is mapped by both the training and the eval session, which
 RSS counts per mapping and PSS once), tokens/s (after one warm-up step), and
 validation loss at init and after the steps (data/sft, 1 x SEQ batches; the same data, order and
 steps for every scheme). Prints a table, then the JSON.
@@ -96,9 +96,6 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
         session.evaluation_done()  # as `ortft train` does after each evaluation
         return loss
 
-    # ORT holds the GIL during a step, so a thread cannot sample inside it: a separate process does.
-    pss_file = Path(f"/tmp/ortft-bench-pss-{os.getpid()}.txt")
-    sampler = subprocess.Popen([sys.executable, __file__, "--sample-pss", str(os.getpid()), str(pss_file)])
 
     before_load = rss_mb()
     session = TrainingSession(bundle, threads=threads)
@@ -113,6 +110,15 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
         session.optimizer_step(lr)
         timings.append(time.perf_counter() - started)
     final_loss = evaluate(session, valid)
+    # Peak PSS: two more (untimed) steps under a sampler process (ORT holds the GIL during a step, so a
+    # thread cannot sample inside it). Reading smaps_rollup every 10 ms halves a quantized bundle's
+    # speed (it walks hundreds of mappings), so the timed steps above run without it.
+    pss_file = Path(f"/tmp/ortft-bench-pss-{os.getpid()}.txt")
+    sampler = subprocess.Popen([sys.executable, __file__, "--sample-pss", str(os.getpid()), str(pss_file)])
+    time.sleep(0.5)
+    for batch in train[:2]:
+        session.train_step_forward_backward(batch)
+        session.optimizer_step(lr)
     sampler.terminate()
     sampler.wait()
     peak_pss = float(pss_file.read_text() or "nan") if pss_file.exists() else float("nan")
@@ -122,7 +128,7 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
         "rss_before_load_mb": round(before_load, 1),
         "rss_after_load_mb": round(after_load, 1),
         "peak_rss_mb": round(rss_mb(), 1),
-        "peak_pss_mb": round(peak_pss, 1),  # sampled every 10 ms by a separate process
+        "peak_pss_mb": round(peak_pss, 1),  # sampled every 10 ms during two extra, untimed steps
         "step_s": round(sum(steady) / len(steady), 3),
         "tokens_per_s": round(seq / (sum(steady) / len(steady)), 1),
         "valid_loss_init": round(init_loss, 4),
