@@ -16,6 +16,8 @@ import sys
 import types
 from functools import lru_cache
 
+from .memory import drop_mapped_pages, release_freed_memory
+
 
 def _register_torch_free_training_package() -> None:
     """Make `onnxruntime.training` a bare namespace package before onnxruntime is first imported.
@@ -136,43 +138,6 @@ def without_arena(options) -> None:
     options.enable_cpu_mem_arena = False
 
 
-def drop_mapped_pages(path) -> int:
-    """madvise(MADV_DONTNEED) this process's unmodified mappings of `path`; returns the bytes of those mappings.
-
-    ORT maps each external tensor on its own (private, writable); a mapping none of whose pages was
-    written (no anonymous pages in /proc/self/smaps) only holds page-cache pages, so dropping it only
-    removes them from this process's resident set: the next read maps them back (a minor fault, no disk
-    read). Mappings with written pages are left alone. Linux only; elsewhere nothing happens.
-    """
-    import ctypes
-    import mmap
-    import sys
-    from pathlib import Path
-
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
-        return 0
-    target = str(Path(path).resolve())
-    regions = []  # [start, end, anonymous kB] of each mapping of `target`
-    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
-        current = None
-        for line in smaps:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                current = None
-                if line.rstrip().endswith(target):
-                    start, end = (int(value, 16) for value in head.split("-"))
-                    current = [start, end, 0]
-                    regions.append(current)
-            elif current is not None and head == "Anonymous:":
-                current[2] = int(line.split()[1])
-    libc = ctypes.CDLL(None, use_errno=True)
-    dropped = 0
-    for start, end, anonymous_kb in regions:
-        if anonymous_kb == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
-            dropped += end - start
-    return dropped
-
-
 class TrainingSession:
     """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
 
@@ -234,10 +199,16 @@ class TrainingSession:
         return self.module(*self._feed(batch))
 
     def evaluation_done(self) -> None:
-        """Call after an evaluation pass. Quantized bundles: the eval session maps quantized_weights.data
+        """Call before and after an evaluation pass. Quantized bundles: the eval session maps quantized_weights.data
         beside the training session, and the pages it read would stay counted in the process's RSS on top
         of the next training step's peak (1.1B int4: ~0.6 GB); they are dropped here (`drop_mapped_pages`),
         and the training session's own mapping is paged back in from the page cache as it reads it."""
+        self.release_idle_memory()
+
+    def release_idle_memory(self) -> None:
+        """Give back memory no session is using: freed heap (malloc_trim) and, for quantized bundles, the
+        pages of quantized_weights.data mapped by either session (they read back from the page cache)."""
+        release_freed_memory()
         if (self.bundle_dir / QUANTIZED_DATA).exists():
             drop_mapped_pages(self.bundle_dir / QUANTIZED_DATA)
 

@@ -136,6 +136,7 @@ def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: 
     total_tokens = 0
     examples = 0
     correct = 0
+    session.evaluation_done()  # the training step's freed heap and mapped weights go first (peak RSS)
     try:
         for batch in iter_eval_batches(dataset, data_config, max_batches):
             if batch.num_label_tokens == 0:

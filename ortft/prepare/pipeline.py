@@ -8,7 +8,6 @@ save the tokenizer, write the manifest. Everything goes into a temporary folder 
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import logging
 import platform
 import shutil
@@ -23,6 +22,7 @@ from ..config import TASKS, PrepareConfig
 from ..errors import ConfigError
 from ..fsutil import check_output_dir, staged_dir
 from ..manifest import BUNDLE_FORMAT, FORMAT_VERSION, write_manifest
+from ..memory import release_freed_memory
 from . import adapters, artifacts, source as sources
 from .architectures import architecture_for
 
@@ -58,21 +58,6 @@ class StageReporter:
                 return False
 
         return _Stage()
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and ask glibc to hand freed heap back to the OS (Linux; a no-op elsewhere).
-
-    Called between the big stages so that the next one (ORT's gradient graph) starts from a smaller
-    resident set instead of on top of freed-but-kept torch and protobuf memory.
-    """
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _check_task(config: PrepareConfig) -> list[str] | None:

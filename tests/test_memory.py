@@ -1,4 +1,4 @@
-"""Tests of ortft/runtime.py helpers that do not need a bundle."""
+"""Tests of ortft/memory.py: pages of file mappings dropped from the resident set, written ones kept."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ortft.runtime import drop_mapped_pages
+from ortft.memory import drop_mapped_pages
 
 
 def _resident_kb(path) -> int:
