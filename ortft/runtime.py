@@ -157,8 +157,8 @@ class TrainingSession:
         self.state = api.CheckpointState.load_checkpoint(str(self.checkpoint_path))
         options = session_options(threads, verbose)
         free_tensors_at_last_use(options)
-        quantized = (bundle_dir / QUANTIZED_DATA).exists()
-        if quantized:
+        self.quantized = (bundle_dir / QUANTIZED_DATA).exists()
+        if self.quantized:
             keep_dequantize_separate(options)
             without_arena(options)
         elif device == "cpu":
@@ -198,18 +198,13 @@ class TrainingSession:
         self.module.eval()
         return self.module(*self._feed(batch))
 
-    def evaluation_done(self) -> None:
-        """Call before and after an evaluation pass. Quantized bundles: the eval session maps quantized_weights.data
-        beside the training session, and the pages it read would stay counted in the process's RSS on top
-        of the next training step's peak (1.1B int4: ~0.6 GB); they are dropped here (`drop_mapped_pages`),
-        and the training session's own mapping is paged back in from the page cache as it reads it."""
-        self.release_idle_memory()
-
     def release_idle_memory(self) -> None:
-        """Give back memory no session is using: freed heap (malloc_trim) and, for quantized bundles, the
-        pages of quantized_weights.data mapped by either session (they read back from the page cache)."""
+        """Call before and after an evaluation pass: gives back freed heap (malloc_trim) and, for quantized
+        bundles, the pages of quantized_weights.data either session mapped. Otherwise the eval session's
+        pages stay counted on top of the next training step's peak (1.1B int4: ~0.6 GB of RSS); dropped
+        pages read back from the page cache (`ortft/memory.py`)."""
         release_freed_memory()
-        if (self.bundle_dir / QUANTIZED_DATA).exists():
+        if self.quantized:
             drop_mapped_pages(self.bundle_dir / QUANTIZED_DATA)
 
     def parameter(self, name: str):

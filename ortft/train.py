@@ -136,7 +136,7 @@ def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: 
     total_tokens = 0
     examples = 0
     correct = 0
-    session.evaluation_done()  # the training step's freed heap and mapped weights go first (peak RSS)
+    session.release_idle_memory()  # the training step's freed heap and mapped weights go first (peak RSS)
     try:
         for batch in iter_eval_batches(dataset, data_config, max_batches):
             if batch.num_label_tokens == 0:
@@ -150,7 +150,7 @@ def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: 
                 logits = np.asarray(outputs[1])
                 correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
     finally:
-        session.evaluation_done()
+        session.release_idle_memory()
     if total_tokens == 0:
         raise RunError("the validation data holds no position to evaluate", hint="check the validation file")
     return EvalResult(total_loss / total_tokens, total_tokens, examples, correct / examples if task == "seq-cls" else None)

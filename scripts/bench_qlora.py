@@ -92,9 +92,9 @@ def measure(bundle: Path, steps: int, seq: int, lr: float, threads: int | None, 
         return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
     def evaluate(session, data):
-        session.evaluation_done()  # before and after, as `ortft train` does
+        session.release_idle_memory()  # before and after, as `ortft train` does
         loss = float(np.mean([float(np.asarray(first_output(session.evaluate(b)))) for b in data]))
-        session.evaluation_done()  # as `ortft train` does after each evaluation
+        session.release_idle_memory()  # as `ortft train` does after each evaluation
         return loss
 
 

@@ -42,7 +42,7 @@ def test_quantized_bundle_reports_errors_evaluates_close_and_trains(tiny_llama, 
     batch = batch_for(manifest)
     initial = _loss(session.evaluate(batch))
     assert abs(initial - float_loss) < (0.01 if scheme == "int8" else 0.05) * float_loss
-    session.evaluation_done()  # drops the mapped quantized weights' pages; they read back unchanged
+    session.release_idle_memory()  # drops the mapped quantized weights' pages; they read back unchanged
     assert _loss(session.evaluate(batch)) == initial
     for _ in range(8):
         session.train_step_forward_backward(batch)
