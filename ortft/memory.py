@@ -1,4 +1,5 @@
-"""Giving memory back to the system: freed heap (malloc_trim) and untouched file-mapped pages (madvise)."""
+"""Process memory and the system: freed heap (malloc_trim), untouched file-mapped pages (madvise), and
+keeping large freed blocks for reuse instead of unmapping them (mallopt)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,31 @@ def drop_mapped_pages(path) -> int:
         if anonymous_kb == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
             dropped += end - start
     return dropped
+
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_MAX = -4
+KEPT_FREE_HEAP = 1 << 30
+
+
+def reuse_large_blocks() -> bool:
+    """Serve large allocations from the heap and keep freed heap for reuse (glibc; False elsewhere).
+
+    glibc maps every allocation above its mmap threshold (at most 32 MB) on its own and unmaps it when
+    freed, so each training step faulted its large tensors in again, page by page, and the kernel
+    zeroed every page: ~150k minor faults (600 MB) per SmolLM2 step at 4 x 256 with ORT's arena on.
+    With mmap off for malloc and up to 1 GiB of free heap kept, the step has no page faults after the
+    second one, step time 5.2-5.4 -> 4.9-5.1 s, peak RSS unchanged. `release_freed_memory` still gives
+    the kept heap back (around evaluation).
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_HEAP))
+    except (OSError, AttributeError):
+        return False

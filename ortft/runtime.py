@@ -16,7 +16,7 @@ import sys
 import types
 from functools import lru_cache
 
-from .memory import drop_mapped_pages, release_freed_memory
+from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
 
 def _register_torch_free_training_package() -> None:
@@ -163,6 +163,7 @@ class TrainingSession:
             without_arena(options)
         elif device == "cpu":
             use_exact_size_arena(options)
+            reuse_large_blocks()
         self.module = api.Module(
             str(bundle_dir / "training_model.onnx"),
             self.state,

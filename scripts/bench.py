@@ -179,12 +179,13 @@ def worker_prepare(spec: dict) -> dict:
                 model.save_pretrained(str(stage), safe_serialization=True)
                 tokenizer.save_pretrained(str(stage))
             del model
-    if not (bundle / "manifest.json").is_file():
-        source = str(hf_dir) if spec["model"] == "tiny" else spec["source"]
-        config = PrepareConfig(model=source, out=str(bundle), rank=LORA["rank"], alpha=LORA["alpha"],
-                               targets=LORA["targets"], layers=spec["layers"],
-                               weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"],
-                               force=bundle.exists())
+    source = str(hf_dir) if spec["model"] == "tiny" else spec["source"]
+    config = PrepareConfig(model=source, out=str(bundle), rank=LORA["rank"], alpha=LORA["alpha"],
+                           targets=LORA["targets"], layers=spec["layers"],
+                           weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"],
+                           force=bundle.exists())
+    if not bundle_matches(bundle, config):
+        init.unlink(missing_ok=True)  # the initial adapter weights come from the new bundle
         prepare_bundle(config, quiet=True)
     if not init.is_file():
         from ortft.runtime import training_api
@@ -195,6 +196,21 @@ def worker_prepare(spec: dict) -> dict:
         np.savez(buffer, **arrays)
         write_bytes_atomic(init, buffer.getvalue())
     return {"ok": True}
+
+
+def bundle_matches(bundle: Path, config) -> bool:
+    """A cached bundle made with these prepare settings (today's defaults included) by this ortft version;
+    otherwise it is rebuilt, so a new default (e.g. a graph pass) is never measured on a stale bundle."""
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    from ortft import __version__
+
+    ignored = {"force", "verbose"}
+    wanted = json.loads(json.dumps({key: value for key, value in config.to_dict().items() if key not in ignored}))
+    made = {key: value for key, value in manifest.get("prepare", {}).get("config", {}).items() if key not in ignored}
+    return made == wanted and manifest.get("versions", {}).get("ortft") == __version__
 
 
 def ensure_artifacts(args, case: dict) -> dict:

@@ -32,6 +32,7 @@ from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.pretranspose import PretransposeFrozenWeights
 from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
 from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.chunked_loss import ChunkedCrossEntropy
 from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
@@ -108,6 +109,7 @@ class LossGraph:
     frozen_index: list[tuple[str, int, int]]  # (name, offset, length) in frozen_store
     quantizer: QuantizeWeights | None = None
     quantization: Quantization | None = None
+    loss_chunks: int = 0  # row slices of the rewritten cross-entropy; 0: ORT's SoftmaxCrossEntropyLoss
 
 
 def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[str, int, int]]:
@@ -144,8 +146,12 @@ def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[s
 
 
 def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: bool | None,
-                    quantization: Quantization | None = None) -> LossGraph:
-    """Apply the pre-artifact passes to `model` (in place) and save it under `work_dir`."""
+                    quantization: Quantization | None = None, loss_chunks: int = 0) -> LossGraph:
+    """Apply the pre-artifact passes to `model` (in place) and save it under `work_dir`.
+
+    `loss_chunks` > 0 replaces ORT's single-threaded SoftmaxCrossEntropyLoss by a log-sum-exp in that
+    many row slices (ortft/graph/chunked_loss.py); causal-LM graphs only.
+    """
     import onnx
 
     trainable_set = set(trainable)
@@ -159,6 +165,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
         quantizer = QuantizeWeights(quantization_targets(model, trainable_set, quantization), quantization.scheme,
                                     quantization.block_size, quantization.symmetric, as_inputs=True)
         quantizer.call(model)
+    chunked_losses = ChunkedCrossEntropy(loss_chunks).call(model).count if loss_chunks > 0 else 0
     frozen = [init.name for init in model.graph.initializer if init.name not in trainable_set and _is_float(init)]
     missing = trainable_set - {init.name for init in model.graph.initializer}
     if missing:
@@ -176,7 +183,8 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
     else:
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
-                     float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization)
+                     float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization,
+                     loss_chunks if chunked_losses else 0)
 
 
 def generate(
@@ -200,7 +208,7 @@ def generate(
     with native_stderr_captured(enabled=not verbose):
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
-    result = {"pretransposed_frozen_weights": loss_graph.pretransposed}
+    result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0
