@@ -73,6 +73,7 @@ class TrainConfig:
     warmup: int = 10
     mask_prompt: bool | None = None  # None: on for prompt/completion and chat data
     pack: bool = False
+    batch_tokens: int | None = None  # length-grouped batches of up to this many tokens instead of batch_size rows
     eval_every: int = 50
     save_every: int = 50
     keep: int = 3

@@ -30,6 +30,11 @@ same row (no block-diagonal mask). Position ids restart, the first label of each
 but the contexts are not isolated. Use packing for throughput on short, independent examples; leave
 it off when that cross-example attention matters.
 
+Length-grouped batches (`batch_tokens=N`, either task) keep one example per row, isolated as without
+packing, and put examples of similar length together: as many rows as fit in N tokens counting each
+row at the batch's longest length. Short examples then make many-row batches with little padding and
+no attention over other examples (attention cost grows with row length, packed rows are long).
+
 Shuffling is deterministic for a seed: rows are permuted per epoch with numpy's Generator seeded by
 (seed, epoch). A `LoaderPosition` {epoch, batch_index, fingerprint} is all the state a resume needs.
 """
@@ -68,6 +73,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _SPLIT_STREAM = 0x5EED_5B17
 _SHUFFLE_STREAM = 0x5EED_5F1E
 _PACK_STREAM = 0x5EED_BAC4
+_GROUP_STREAM = 0x5EED_6B0F
 
 
 # ---- configuration and results ------------------------------------------------------------------
@@ -89,6 +95,7 @@ class DataConfig:
     pack: bool = False
     label_names: Sequence[str] | None = None
     shuffle: bool = True
+    batch_tokens: int | None = None  # length-grouped batches of up to this many tokens (rows x longest row)
 
     def __post_init__(self) -> None:
         if self.task not in (TASK_CAUSAL_LM, TASK_SEQ_CLS):
@@ -99,10 +106,19 @@ class DataConfig:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.pack and self.task == TASK_SEQ_CLS:
             raise ConfigError("packing is for causal-lm data only", hint="drop --pack for a seq-cls bundle")
+        if self.batch_tokens is not None:
+            if not isinstance(self.batch_tokens, int) or self.batch_tokens < self.seq_len:
+                raise ConfigError(
+                    f"--batch-tokens must be a whole number of at least --seq-len ({self.seq_len}), got {self.batch_tokens!r}",
+                    hint="a batch must hold at least one example of the longest allowed length",
+                )
+            if self.pack:
+                raise ConfigError("give either --pack or --batch-tokens, not both",
+                                  hint="--batch-tokens groups whole examples by length; --pack concatenates them")
 
     @classmethod
     def from_train_config(cls, train_config, task: str = TASK_CAUSAL_LM, label_names: Sequence[str] | None = None):
-        """Build from `ortft.config.TrainConfig` (seq_len, batch_size, seed, mask_prompt, pack)."""
+        """Build from `ortft.config.TrainConfig` (seq_len, batch_size, seed, mask_prompt, pack, batch_tokens)."""
         return cls(
             seq_len=train_config.seq_len,
             batch_size=train_config.batch_size,
@@ -111,6 +127,7 @@ class DataConfig:
             mask_prompt=train_config.mask_prompt,
             pack=train_config.pack,
             label_names=label_names,
+            batch_tokens=train_config.batch_tokens,
         )
 
 
@@ -508,7 +525,7 @@ def load_dataset(path: Path | str, tokenizer: "TextTokenizer", config: DataConfi
         log.warning("%s: %d examples had nothing left to learn (masked or truncated away) and were skipped", path, num_without_labels)
     if stats.num_truncated:
         log.warning("%s: %d examples were longer than seq_len=%d and were truncated", path, stats.num_truncated, config.seq_len)
-    if stats.fewer_examples_than_batch_size:
+    if stats.fewer_examples_than_batch_size and not config.batch_tokens:
         log.warning("%s: only %d examples, fewer than the batch size %d", path, len(examples), config.batch_size)
     pad_id = tokenizer.pad_token_id
     return TokenizedDataset(path, sha256, file_format, config.task, examples, stats, 0 if pad_id is None else pad_id)
@@ -561,6 +578,27 @@ def _pack_rows(examples: list[Example], seq_len: int, seed: int) -> list[list[Ex
     return rows
 
 
+def _length_groups(examples: list[Example], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Batches of example indices with similar lengths, each with rows x longest row <= batch_tokens.
+
+    Examples are sorted by length (ties in an order shuffled once by `seed`) and cut greedily, so a
+    batch pads each row to nearly its own length; the order of the batches is shuffled per epoch.
+    """
+    order = np.random.default_rng([seed, _GROUP_STREAM]).permutation(len(examples))
+    by_length = sorted(order.tolist(), key=lambda index: len(examples[index].input_ids))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for index in by_length:
+        longest = len(examples[index].input_ids)  # sorted: the newest example is the longest
+        if group and (len(group) + 1) * longest > batch_tokens:
+            groups.append(group)
+            group = []
+        group.append(index)
+    if group:
+        groups.append(group)
+    return groups
+
+
 def _causal_lm_batch(rows: list[list[Example]], pad_id: int) -> Batch:
     width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
     shape = (len(rows), width)
@@ -611,7 +649,8 @@ class BatchIterator:
 
     `batches(start)` runs over epochs without end and yields (batch, position of the next batch);
     starting from a saved position yields exactly what an uninterrupted run would have yielded.
-    The last batch of an epoch may be smaller than batch_size.
+    The last batch of an epoch may be smaller than batch_size. With `batch_tokens` a batch is a fixed
+    group of examples of similar length (see `_length_groups`) and batch_size plays no part.
     """
 
     def __init__(self, dataset: TokenizedDataset, config: DataConfig, shuffle: bool | None = None):
@@ -625,7 +664,9 @@ class BatchIterator:
             self.rows = _pack_rows(dataset.examples, config.seq_len, config.seed)
         else:
             self.rows = [[example] for example in dataset.examples]
-        self.batches_per_epoch = math.ceil(len(self.rows) / config.batch_size)
+        # With batch_tokens the batches are fixed groups of rows (shuffled as wholes); else batch_size rows.
+        self.groups = _length_groups(dataset.examples, config.batch_tokens, config.seed) if config.batch_tokens else None
+        self.batches_per_epoch = len(self.groups) if self.groups is not None else math.ceil(len(self.rows) / config.batch_size)
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> str:
@@ -639,19 +680,25 @@ class BatchIterator:
             "mask_prompt": self.config.mask_prompt,
             "shuffle": self.shuffle,
             "task": self.config.task,
+            **({"batch_tokens": self.config.batch_tokens} if self.config.batch_tokens else {}),
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def row_order(self, epoch: int) -> np.ndarray:
-        """The order of rows in `epoch`: a permutation seeded by (seed, epoch), or file order."""
+        """The order of rows (of length groups, with batch_tokens) in `epoch`: a permutation seeded by
+        (seed, epoch), or file order (shortest group first)."""
+        count = len(self.groups) if self.groups is not None else len(self.rows)
         if not self.shuffle:
-            return np.arange(len(self.rows))
-        return np.random.default_rng([self.config.seed, _SHUFFLE_STREAM, epoch]).permutation(len(self.rows))
+            return np.arange(count)
+        return np.random.default_rng([self.config.seed, _SHUFFLE_STREAM, epoch]).permutation(count)
 
     def batch(self, epoch: int, batch_index: int, order: np.ndarray | None = None) -> Batch:
         order = self.row_order(epoch) if order is None else order
-        size = self.config.batch_size
-        rows = [self.rows[i] for i in order[batch_index * size : (batch_index + 1) * size].tolist()]
+        if self.groups is not None:
+            rows = [self.rows[i] for i in self.groups[int(order[batch_index])]]
+        else:
+            size = self.config.batch_size
+            rows = [self.rows[i] for i in order[batch_index * size : (batch_index + 1) * size].tolist()]
         if self.config.task == TASK_SEQ_CLS:
             return _classification_batch(rows, self.pad_token_id)
         return _causal_lm_batch(rows, self.pad_token_id)

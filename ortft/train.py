@@ -37,7 +37,7 @@ from .validate import require_valid
 log = logging.getLogger(__name__)
 
 # Settings that must not change across a resume (they change which batches or updates happen).
-RESUME_FIXED = ("batch_size", "grad_accum", "seq_len", "seed", "pack", "mask_prompt", "lr", "schedule", "warmup")
+RESUME_FIXED = ("batch_size", "grad_accum", "seq_len", "seed", "pack", "batch_tokens", "mask_prompt", "lr", "schedule", "warmup")
 # Settings a resume may change, with a warning (the run then differs from an uninterrupted one, or evaluates differently).
 RESUME_WARNED = ("steps", "epochs", "eval_every", "save_every", "keep", "max_eval_batches", "valid", "valid_fraction")
 
@@ -304,7 +304,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
 
     stats = train_set.stats
     notes = []
-    if stats.fewer_examples_than_batch_size:
+    if stats.fewer_examples_than_batch_size and not config.batch_tokens:
         notes.append(f"only {stats.num_examples} training examples, fewer than --batch-size {config.batch_size}: training on what there is")
     if stats.num_truncated:
         notes.append(f"{stats.num_truncated} training examples were longer than --seq-len {config.seq_len} and were truncated")

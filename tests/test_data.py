@@ -175,6 +175,56 @@ def test_pack_with_seq_cls_is_refused() -> None:
         config(task="seq-cls", pack=True)
 
 
+def _varied(tmp_path, n=40) -> Path:
+    rng = np.random.default_rng(7)
+    return write_jsonl(tmp_path / "varied.jsonl",
+                       [{"prompt": f"Q{i}:", "completion": " answer" * int(rng.integers(1, 12))} for i in range(n)])
+
+
+def test_batch_tokens_groups_similar_lengths_within_the_budget(tmp_path, tokenizer) -> None:
+    cfg = config(seq_len=32, batch_tokens=64)
+    data = load_dataset(_varied(tmp_path), tokenizer, cfg)
+    iterator = BatchIterator(data, cfg)
+    epoch = list(iterator.epoch_batches(0))
+    assert len(epoch) == iterator.batches_per_epoch == len(iterator.groups) > 1
+    seen = []
+    for batch in epoch:
+        rows, width = batch.inputs["input_ids"].shape
+        assert rows * width <= 64
+        assert rows == batch.num_examples  # one example per row: nothing attends across examples
+        lengths = batch.inputs["attention_mask"].sum(axis=1)
+        assert (batch.inputs["position_ids"][0, : lengths[0]] == np.arange(lengths[0])).all()
+        seen += [tuple(row[: int(length)]) for row, length in zip(batch.inputs["input_ids"].tolist(), lengths)]
+    assert sorted(seen) == sorted(tuple(example.input_ids) for example in data.examples)  # each example once
+    padding = sum(b.inputs["attention_mask"].size - b.num_tokens for b in epoch) / sum(b.num_tokens for b in epoch)
+    plain = list(BatchIterator(data, config(seq_len=32, batch_size=4)).epoch_batches(0))
+    plain_padding = sum(b.inputs["attention_mask"].size - b.num_tokens for b in plain) / sum(b.num_tokens for b in plain)
+    assert padding < plain_padding / 2  # grouped by length: far less padding than random batches of 4
+
+
+def test_batch_tokens_order_is_per_seed_and_epoch_and_resumes(tmp_path, tokenizer) -> None:
+    cfg = config(seq_len=32, batch_tokens=64)
+    data = load_dataset(_varied(tmp_path), tokenizer, cfg)
+    first, again = BatchIterator(data, cfg), BatchIterator(data, cfg)
+    assert first.row_order(0).tolist() == again.row_order(0).tolist() != first.row_order(1).tolist()
+    assert [_ids(b) for b in first.epoch_batches(1)] == [_ids(b) for b in again.epoch_batches(1)]
+    uninterrupted = [_ids(batch) for (batch, _), _ in zip(BatchIterator(data, cfg).batches(), range(first.batches_per_epoch + 3))]
+    stream = BatchIterator(data, cfg).batches()
+    for _ in range(first.batches_per_epoch + 1):
+        _, position = next(stream)
+    resumed = BatchIterator(data, cfg).batches(LoaderPosition.from_dict(position.to_dict()))
+    assert [_ids(batch) for (batch, _), _ in zip(resumed, range(2))] == uninterrupted[-2:]
+    with pytest.raises(RunError, match="other data"):
+        next(BatchIterator(data, config(seq_len=32, batch_tokens=96)).batches(position))
+
+
+def test_batch_tokens_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="at least --seq-len"):
+        config(seq_len=128, batch_tokens=64)
+    with pytest.raises(ConfigError, match="not both"):
+        config(seq_len=32, batch_tokens=64, pack=True)
+
+
 # ---- shuffling, resume, split -------------------------------------------------------------------
 
 

@@ -514,6 +514,23 @@ def test_epochs_and_grad_accum_plan_the_steps(bundle, data, tmp_path):
     assert runs.read_state(runs.newest_valid_checkpoint(out))["data_position"]["batch_index"] == BATCHES_PER_EPOCH
 
 
+def test_batch_tokens_trains_on_length_grouped_batches_and_resumes(bundle, data, tmp_path):
+    out = tmp_path / "grouped"
+    ok(run_ortft(*train_cmd(bundle, data, out, *FAST, "--batch-tokens", "128", "--epochs", "1", "--save-every", "100",
+                            valid=False)))
+    config = json.loads((out / runs.CONFIG_FILE).read_text())
+    assert config["batch_tokens"] == 128
+    training = [r for r in read_metrics(out) if "loss" in r and "event" not in r]
+    assert len(training) == config["total_steps"] < BATCHES_PER_EPOCH  # more examples per step than --batch-size 2
+    assert all(np.isfinite(r["loss"]) for r in training)
+    interrupted = tmp_path / "interrupted"
+    ok(run_ortft(*train_cmd(bundle, data, interrupted, *FAST, "--batch-tokens", "128", "--epochs", "1",
+                            "--save-every", "100", "--stop-after", "1", valid=False)))
+    ok(run_ortft(*train_cmd(bundle, data, interrupted, *FAST, "--resume", valid=False)))
+    resumed = [r for r in read_metrics(interrupted) if "loss" in r and "event" not in r]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in training], rel=1e-6)
+
+
 @pytest.mark.parametrize("args,message", [
     (("--steps", "0"), "--steps 0 must be at least 1"),
     (("--steps", "4", "--epochs", "1"), "not both"),
@@ -522,7 +539,10 @@ def test_epochs_and_grad_accum_plan_the_steps(bundle, data, tmp_path):
     (("--batch-size", "0"), "--batch-size 0 must be"),
     (("--valid-fraction", "1.5"), "must lie between 0 and 1"),
     (("--provider", "nonsense"), ""),
-], ids=["steps-0", "steps-and-epochs", "seq-len", "lr", "batch-size", "valid-fraction", "provider"])
+    (("--batch-tokens", "10"), "--batch-tokens must be a whole number of at least --seq-len"),
+    (("--batch-tokens", "128", "--pack"), "not both"),
+], ids=["steps-0", "steps-and-epochs", "seq-len", "lr", "batch-size", "valid-fraction", "provider", "batch-tokens",
+        "batch-tokens-and-pack"])
 def test_train_rejects_bad_settings_with_exit_2(bundle, data, tmp_path, args, message):
     out = tmp_path / "run"
     user_error(run_ortft("train", bundle, "--data", data["train"], "--out", out, *FAST, *args), message)

@@ -100,6 +100,9 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--warmup", type=int, default=_defaults.warmup, show_default=True, help="Linear warm-up steps.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="Learn only completions / assistant turns (default: on for those formats).")
 @click.option("--pack", is_flag=True, default=False, help="Pack several examples into each row (see docs/data.md).")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Batches of examples of similar length, as many as fit in this many tokens (rows x longest row), "
+                   "instead of --batch-size examples; at least --seq-len (see docs/data.md).")
 @click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True)
 @click.option("--max-eval-batches", type=int, default=None, help="Evaluate on at most this many batches.")
 @click.option("--save-every", type=int, default=_defaults.save_every, show_default=True)

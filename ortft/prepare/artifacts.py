@@ -26,18 +26,26 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..graph.eval_dropout import DisableDropout
-from ..graph.optional_outputs import AddOptionalOutputs
-from ..graph.opset import UpgradeOpset, default_opset
-from ..graph.pretranspose import PretransposeFrozenWeights
-from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
-from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
 from ..graph.chunked_loss import ChunkedCrossEntropy
+from ..graph.eval_dropout import DisableDropout
+from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
+from ..graph.lora_scale import ScaleLoraIntermediate
+from ..graph.opset import UpgradeOpset, default_opset
+from ..graph.optional_outputs import AddOptionalOutputs
+from ..graph.pretranspose import PretransposeFrozenWeights
+from ..graph.quantize_weights import (
+    NODE_PREFIX,
+    QuantizeWeights,
+    embedding_weights,
+    linear_weights,
+)
 from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
-from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
+from ..runtime import (
+    QUANTIZED_DATA,  # the quantized frozen weights, shared by the training and eval graphs
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,7 @@ class LossGraph:
     quantizer: QuantizeWeights | None = None
     quantization: Quantization | None = None
     loss_chunks: int = 0  # row slices of the rewritten cross-entropy; 0: ORT's SoftmaxCrossEntropyLoss
+    lora_scales_moved: int = 0  # LoRA scales applied to the rank-r intermediate (ortft/graph/lora_scale.py)
 
 
 def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[str, int, int]]:
@@ -155,6 +164,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
     import onnx
 
     trainable_set = set(trainable)
+    lora_scales_moved = ScaleLoraIntermediate().call(model).count
     pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
     pretransposed += TransposeIntoGemm().call(model).count  # a tied LM head: Gemm(transB=1) on the table itself
     frozen_bytes_before = _float_bytes(model, trainable_set)
@@ -184,7 +194,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
                      float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization,
-                     loss_chunks if chunked_losses else 0)
+                     loss_chunks if chunked_losses else 0, lora_scales_moved)
 
 
 def generate(
@@ -208,7 +218,8 @@ def generate(
     with native_stderr_captured(enabled=not verbose):
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
-    result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks}
+    result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
+              "lora_scales_moved": loss_graph.lora_scales_moved}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0
