@@ -154,7 +154,6 @@ def artifact_paths(cache: Path, model: str, layers: int | None) -> dict:
 
 def worker_prepare(spec: dict) -> dict:
     """Build whatever of (HF fp32 model folder, bundle, initial adapter weights) is missing."""
-    from ortft.config import PrepareConfig
     from ortft.fsutil import staged_dir, write_bytes_atomic
     from ortft.prepare.pipeline import prepare_bundle
 
@@ -179,11 +178,7 @@ def worker_prepare(spec: dict) -> dict:
                 model.save_pretrained(str(stage), safe_serialization=True)
                 tokenizer.save_pretrained(str(stage))
             del model
-    source = str(hf_dir) if spec["model"] == "tiny" else spec["source"]
-    config = PrepareConfig(model=source, out=str(bundle), rank=LORA["rank"], alpha=LORA["alpha"],
-                           targets=LORA["targets"], layers=spec["layers"],
-                           weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"],
-                           force=bundle.exists())
+    config = bundle_config(spec)
     if not bundle_matches(bundle, config):
         init.unlink(missing_ok=True)  # the initial adapter weights come from the new bundle
         prepare_bundle(config, quiet=True)
@@ -196,6 +191,18 @@ def worker_prepare(spec: dict) -> dict:
         np.savez(buffer, **arrays)
         write_bytes_atomic(init, buffer.getvalue())
     return {"ok": True}
+
+
+def bundle_config(spec: dict):
+    """The PrepareConfig of a case's bundle (spec: model, layers, source and the artifact paths)."""
+    from ortft.config import PrepareConfig
+
+    bundle = Path(spec["bundle"])
+    source = spec["hf_dir"] if spec["model"] == "tiny" else spec["source"]
+    return PrepareConfig(model=str(source), out=str(bundle), rank=LORA["rank"], alpha=LORA["alpha"],
+                         targets=LORA["targets"], layers=spec["layers"],
+                         weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"],
+                         force=bundle.exists())
 
 
 def bundle_matches(bundle: Path, config) -> bool:
@@ -226,14 +233,14 @@ def ensure_artifacts(args, case: dict) -> dict:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    spec = {"model": case["model"], "layers": case["layers"],
+            "source": str(smollm2_folder()) if case["model"] != "tiny" else None,
+            **{k: str(v) for k, v in paths.items()}}
     missing = not ((paths["hf_dir"] / "config.json").is_file() and (paths["bundle"] / "manifest.json").is_file()
                    and paths["init"].is_file())
-    if missing:
+    if missing or not bundle_matches(paths["bundle"], bundle_config(spec)):
         log(f"building benchmark artifacts for {case['model']} (layers={case['layers'] or 'all'}) ...")
         started = time.perf_counter()
-        spec = {"model": case["model"], "layers": case["layers"],
-                "source": str(smollm2_folder()) if case["model"] != "tiny" else None,
-                **{k: str(v) for k, v in paths.items()}}
         run_worker("prepare", spec, threads=args.threads, timeout=None)
         log(f"  built in {time.perf_counter() - started:.0f} s")
     return paths
