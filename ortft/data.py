@@ -686,9 +686,12 @@ class BatchIterator:
 
     def row_order(self, epoch: int) -> np.ndarray:
         """The order of rows (of length groups, with batch_tokens) in `epoch`: a permutation seeded by
-        (seed, epoch), or file order (shortest group first)."""
+        (seed, epoch), or file order. Length groups in file order go by their first example in the file,
+        so that the first batches of an evaluation (`--max-eval-batches`) are not just the shortest ones."""
         count = len(self.groups) if self.groups is not None else len(self.rows)
         if not self.shuffle:
+            if self.groups is not None:
+                return np.argsort([min(group) for group in self.groups], kind="stable")
             return np.arange(count)
         return np.random.default_rng([self.config.seed, _SHUFFLE_STREAM, epoch]).permutation(count)
 

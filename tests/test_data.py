@@ -218,6 +218,20 @@ def test_batch_tokens_order_is_per_seed_and_epoch_and_resumes(tmp_path, tokenize
         next(BatchIterator(data, config(seq_len=32, batch_tokens=96)).batches(position))
 
 
+def test_batch_tokens_evaluation_order_follows_the_file_not_the_lengths(tmp_path, tokenizer) -> None:
+    cfg = config(seq_len=32, batch_tokens=64)
+    data = load_dataset(_varied(tmp_path), tokenizer, cfg)
+    batches = list(iter_eval_batches(data, cfg))
+    assert sum(b.num_examples for b in batches) == len(data.examples)
+    first_lines = []
+    for batch in batches:
+        rows = {tuple(row[: int(n)]) for row, n in zip(batch.inputs["input_ids"].tolist(), batch.inputs["attention_mask"].sum(axis=1))}
+        first_lines.append(min(i for i, example in enumerate(data.examples) if tuple(example.input_ids) in rows))
+    assert first_lines == sorted(first_lines)  # by each group's first example in the file
+    widths = [b.inputs["input_ids"].shape[1] for b in batches]
+    assert widths != sorted(widths)  # not shortest first: a --max-eval-batches subset sees all lengths
+
+
 def test_batch_tokens_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="at least --seq-len"):
         config(seq_len=128, batch_tokens=64)
