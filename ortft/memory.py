@@ -4,6 +4,19 @@ keeping large freed blocks for reuse instead of unmapping them (mallopt)."""
 from __future__ import annotations
 
 import gc
+import sys
+
+
+def _glibc():
+    """glibc through ctypes on Linux, else None (every helper here is then a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def release_freed_memory() -> None:
@@ -13,12 +26,9 @@ def release_freed_memory() -> None:
     resident set instead of on top of freed-but-kept torch and protobuf memory.
     """
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def drop_mapped_pages(path) -> int:
@@ -31,10 +41,10 @@ def drop_mapped_pages(path) -> int:
     """
     import ctypes
     import mmap
-    import sys
     from pathlib import Path
 
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+    libc = _glibc()
+    if libc is None or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     target = str(Path(path).resolve())
     regions = []  # [start, end, anonymous kB] of each mapping of `target`
@@ -50,7 +60,6 @@ def drop_mapped_pages(path) -> int:
                     regions.append(current)
             elif current is not None and head == "Anonymous:":
                 current[2] = int(line.split()[1])
-    libc = ctypes.CDLL(None, use_errno=True)
     dropped = 0
     for start, end, anonymous_kb in regions:
         if anonymous_kb == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
@@ -73,14 +82,7 @@ def reuse_large_blocks() -> bool:
     second one, step time 5.2-5.4 -> 4.9-5.1 s, peak RSS unchanged. `release_freed_memory` still gives
     the kept heap back (around evaluation).
     """
-    import sys
-
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_HEAP))
-    except (OSError, AttributeError):
-        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_HEAP))

@@ -12,6 +12,15 @@ class PassResult:
     count: int = 0
 
 
+def consumers_of(graph) -> dict[str, list]:
+    """Every tensor name -> the nodes that read it (a node reading it twice is listed twice)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 class GraphPass:
     """Base class: subclasses implement `call(model) -> PassResult`."""
 

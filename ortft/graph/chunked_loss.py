@@ -23,7 +23,7 @@ because ORT's CPU reductions return an empty input unreduced.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, consumers_of
 from .opset import default_opset
 from .transposed_gemm import declared_ranks, inferred_ranks
 
@@ -69,10 +69,7 @@ class ChunkedCrossEntropy(GraphPass):
     def call(self, model) -> PassResult:
         graph = model.graph
         producers = {output: node for node in graph.node for output in node.output}
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+        consumers = consumers_of(graph)
         ranks = None
         count = 0
         for loss in [node for node in graph.node if node.op_type == "SoftmaxCrossEntropyLoss"]:
@@ -143,13 +140,12 @@ class ChunkedCrossEntropy(GraphPass):
         valid = node("Not", [ignored], "valid")
         safe_labels = node("Where", [valid, labels, constant("label0", 0, np.int64)], "safe_labels")
         weights = node("Cast", [valid], "valid_float", to=TensorProto.FLOAT)
+        bounds = [node("Slice", [boundaries, constant(f"bound{i}_from", [i], np.int64),
+                                 constant(f"bound{i}_to", [i + 1], np.int64)], f"bound{i}") for i in range(self.chunks + 1)]
         partials = []
         for chunk in range(self.chunks):
             tag = f"chunk{chunk}"
-            start = node("Slice", [boundaries, constant(f"{tag}_first", [chunk], np.int64),
-                                   constant(f"{tag}_last", [chunk + 1], np.int64)], f"{tag}_start")
-            end = node("Slice", [boundaries, constant(f"{tag}_first1", [chunk + 1], np.int64),
-                                 constant(f"{tag}_last1", [chunk + 2], np.int64)], f"{tag}_end")
+            start, end = bounds[chunk], bounds[chunk + 1]
             if head is not None:
                 hidden = node("Slice", [head.input[0], start, end, axis0], f"{tag}_hidden")
                 logits = name(f"{tag}_logits")

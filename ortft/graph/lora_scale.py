@@ -16,7 +16,7 @@ is read by that Mul only, and h = MatMul(x, V) is read by that MatMul only.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, consumers_of
 
 
 def _single_values(graph) -> set[str]:
@@ -40,10 +40,7 @@ class ScaleLoraIntermediate(GraphPass):
         graph = model.graph
         nodes = list(graph.node)
         producers = {output: node for node in nodes for output in node.output}
-        readers: dict[str, int] = {}
-        for node in nodes:
-            for name in node.input:
-                readers[name] = readers.get(name, 0) + 1
+        readers = {name: len(users) for name, users in consumers_of(graph).items()}
         for value in graph.output:
             readers[value.name] = readers.get(value.name, 0) + 1
         scalars = _single_values(graph)

@@ -9,7 +9,7 @@ those Transposes straight to it. Trainable tensors are never touched (their layo
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, consumers_of
 
 
 class PretransposeFrozenWeights(GraphPass):
@@ -20,10 +20,7 @@ class PretransposeFrozenWeights(GraphPass):
         from onnx import numpy_helper
 
         graph = model.graph
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+        consumers = consumers_of(graph)
         graph_outputs = {value.name for value in graph.output}
         count = 0
         removed = set()

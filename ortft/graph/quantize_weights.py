@@ -26,20 +26,12 @@ in practice only an LM head tied to the embedding table (Gather + Transpose) is 
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, consumers_of
 from .opset import default_opset
 
 DEQUANTIZED_SUFFIX = "_dequantized"
 NODE_PREFIX = "ortft_dq/"
 PART_ELEMENTS = 1 << 23  # 8 Mi values = 32 MiB dequantized: above any 1B model's MLP weight (2048 x 5632)
-
-
-def consumers_of(graph) -> dict[str, list]:
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
 
 
 def input_axis(name: str, users: list) -> int:

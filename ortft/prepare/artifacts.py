@@ -33,19 +33,12 @@ from ..graph.lora_scale import ScaleLoraIntermediate
 from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.optional_outputs import AddOptionalOutputs
 from ..graph.pretranspose import PretransposeFrozenWeights
-from ..graph.quantize_weights import (
-    NODE_PREFIX,
-    QuantizeWeights,
-    embedding_weights,
-    linear_weights,
-)
+from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
 from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
-from ..runtime import (
-    QUANTIZED_DATA,  # the quantized frozen weights, shared by the training and eval graphs
-)
+from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
 
 log = logging.getLogger(__name__)
 

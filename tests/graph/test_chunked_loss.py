@@ -102,7 +102,7 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
     """Same losses (training and evaluation) and the same adapter weights after three AdamW steps."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import batch_for, prepare_tiny
+    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
 
     fused = prepare_tiny(tiny_llama, tmp_path / "fused", loss_chunks=0)
     chunked = prepare_tiny(tiny_llama, tmp_path / "chunked", loss_chunks=3)
@@ -115,21 +115,10 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
             assert len(head_slices) == (0 if expected else 3)  # the LM head runs per slice
     batch = batch_for(fused)
     sessions = [TrainingSession(tmp_path / name, threads=1) for name in ("fused", "chunked")]
-    for _ in range(3):
-        losses = [float(np.asarray(session.train_step_forward_backward(batch))) for session in sessions]
-        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-        for session in sessions:
-            session.optimizer_step(5e-3)
-    for name in sessions[0].trainable_names():
-        np.testing.assert_allclose(sessions[1].parameter(name), sessions[0].parameter(name), rtol=1e-4, atol=1e-6)
+    assert_trains_alike(sessions, batch, steps=3, rel=1e-5, rtol=1e-4, atol=1e-6)
     evaluated = [float(np.asarray(session.evaluate(batch))) for session in sessions]
     assert evaluated[1] == pytest.approx(evaluated[0], rel=1e-5)
     few = {name: value.copy() for name, value in batch.items()}
     few["labels"][:] = -100
     few["labels"][0, 5:7] = batch["input_ids"][0, 5:7]  # two counted positions: one slice stays empty
-    losses = [float(np.asarray(session.train_step_forward_backward(few))) for session in sessions]
-    assert np.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=1e-5)
-    for session in sessions:
-        session.optimizer_step(5e-3)
-    for name in sessions[0].trainable_names():
-        np.testing.assert_allclose(sessions[1].parameter(name), sessions[0].parameter(name), rtol=1e-4, atol=1e-6)
+    assert_trains_alike(sessions, few, steps=1, rel=1e-5, rtol=1e-4, atol=1e-6)

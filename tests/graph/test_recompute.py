@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ortft.graph.recompute import RECOMPUTE_SUFFIX, RecomputeActivations
@@ -108,7 +107,7 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
     """Same losses and the same adapter weights after three steps (the gradients are the same)."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import batch_for, prepare_tiny
+    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
 
     plain = prepare_tiny(tiny_llama, tmp_path / "plain", recompute_activations=False)
     recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed")  # the default
@@ -116,10 +115,4 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
     assert recomputed["graph_patches"]["recomputed_activations"] == 2 * plain["model"]["num_layers"]  # act, act * up
     batch = batch_for(plain)
     sessions = [TrainingSession(tmp_path / name, threads=1) for name in ("plain", "recomputed")]
-    for _ in range(3):
-        losses = [float(np.asarray(session.train_step_forward_backward(batch))) for session in sessions]
-        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-        for session in sessions:
-            session.optimizer_step(5e-3)
-    for name in sessions[0].trainable_names():
-        np.testing.assert_allclose(sessions[1].parameter(name), sessions[0].parameter(name), rtol=1e-5, atol=1e-7)
+    assert_trains_alike(sessions, batch, steps=3, rel=1e-6, rtol=1e-5, atol=1e-7)

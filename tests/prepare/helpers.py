@@ -85,3 +85,19 @@ def torch_loss(peft_model, batch: dict) -> float:
     with torch.no_grad():
         inputs = {name: torch.from_numpy(value) for name, value in batch.items()}
         return float(peft_model(**inputs).loss)
+
+
+def assert_trains_alike(sessions: list, batch: dict, steps: int = 3, rel: float = 1e-6, rtol: float = 1e-5,
+                        atol: float = 1e-7, lr: float = 5e-3) -> list[float]:
+    """Train two TrainingSessions side by side on `batch`: the same loss every step and the same
+    trainable weights after the last one (so the same gradients). Returns the last step's losses."""
+    import pytest
+
+    for _ in range(steps):
+        losses = [float(np.asarray(session.train_step_forward_backward(batch))) for session in sessions]
+        assert np.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=rel)
+        for session in sessions:
+            session.optimizer_step(lr)
+    for name in sessions[0].trainable_names():
+        np.testing.assert_allclose(sessions[1].parameter(name), sessions[0].parameter(name), rtol=rtol, atol=atol)
+    return losses
