@@ -44,6 +44,7 @@ class PrepareConfig:
     quantize_recompute: bool = True  # the backward pass dequantizes again rather than keeping the forward copy
     recompute_activations: bool = True  # the backward recomputes cheap activations (SwiGLU) instead of keeping them
     loss_chunks: int = 8  # causal LM: cross-entropy as a log-sum-exp in this many row slices; 0: ORT's fused op
+    loss_chunk_rows: int = 256  # ... but no slice smaller than this many rows (fewer, larger products on short batches)
     seed: int = 0
     external_data: bool | None = None  # None: only when the graph would pass ONNX's 2 GB limit
     inference_template: bool = True

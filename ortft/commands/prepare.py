@@ -48,13 +48,16 @@ _defaults = PrepareConfig()
 @click.option("--loss-chunks", type=click.IntRange(min=0), default=_defaults.loss_chunks, show_default=True,
               help="Causal LM: compute the LM head and cross-entropy in this many row slices, as a log-sum-exp of "
                    "threaded ops; 0 keeps ORT's SoftmaxCrossEntropyLoss (one thread, ~0.5 s slower per SmolLM2 step at 4 x 256).")
+@click.option("--loss-chunk-rows", type=click.IntRange(min=1), default=_defaults.loss_chunk_rows, show_default=True,
+              help="The fewest labelled rows per loss slice: batches with few labelled positions use fewer, larger "
+                   "slices (larger LM-head products run faster); more rows per slice cost memory.")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")
 @click.pass_context
 def command(ctx, model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
             rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, quantize, block_size, asymmetric, quantize_all_linear, quantize_embeddings, no_recompute,
-            no_recompute_activations, loss_chunks, seed, force, verbose):
+            no_recompute_activations, loss_chunks, loss_chunk_rows, seed, force, verbose):
     """Turn MODEL (a Hugging Face folder or a .gguf file) into a LoRA training bundle.
 
     Only the adapter weights (LoRA A/B, DoRA magnitudes, a classifier head) are trainable; every base
@@ -75,7 +78,7 @@ def command(ctx, model, out, gguf_file, task, num_labels, label_names, rank, alp
         external_data=external_data, quantize=quantize, block_size=block_size, quantize_symmetric=not asymmetric,
         quantize_all_linear=quantize_all_linear, quantize_embeddings=quantize_embeddings,
         quantize_recompute=not no_recompute, recompute_activations=not no_recompute_activations,
-        loss_chunks=loss_chunks, seed=seed, force=force, verbose=verbose,
+        loss_chunks=loss_chunks, loss_chunk_rows=loss_chunk_rows, seed=seed, force=force, verbose=verbose,
     )
     if adapter:
         explicit = {name: value for name, value in (("rank", rank), ("alpha", alpha), ("dora", dora), ("targets", targets))

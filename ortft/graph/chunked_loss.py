@@ -61,10 +61,13 @@ class ChunkedCrossEntropy(GraphPass):
     """Rewrite every mean-reduced, unweighted SoftmaxCrossEntropyLoss (meant for LM heads: the caller
     applies it to causal-LM loss graphs only; a classifier's few classes gain nothing)."""
 
-    def __init__(self, chunks: int = 8):
+    def __init__(self, chunks: int = 8, min_rows: int = 1):
         if chunks < 1:
             raise ValueError(f"chunks must be at least 1, got {chunks}")
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be at least 1, got {min_rows}")
         self.chunks = chunks
+        self.min_rows = min_rows
 
     def call(self, model) -> PassResult:
         graph = model.graph
@@ -129,7 +132,8 @@ class ChunkedCrossEntropy(GraphPass):
         labels = loss.input[1]
         rows = node("Shape", [head.input[0] if head is not None else loss.input[0]], "rows", start=0, end=1)
         rows_up = node("Add", [rows, constant("round_up", [self.chunks - 1], np.int64)], "rows_up")
-        chunk_rows = node("Div", [rows_up, constant("chunks", [self.chunks], np.int64)], "chunk_rows")
+        even_rows = node("Div", [rows_up, constant("chunks", [self.chunks], np.int64)], "even_rows")
+        chunk_rows = node("Max", [even_rows, constant("min_rows", [self.min_rows], np.int64)], "chunk_rows")
         # Slice boundaries as one vector, so no per-slice Mul looks like an activation worth recomputing.
         boundaries = node("Mul", [chunk_rows, constant("slice_numbers", np.arange(self.chunks + 1), np.int64)], "boundaries")
         axis0 = constant("axis0", [0], np.int64)

@@ -111,6 +111,7 @@ class LossGraph:
     quantizer: QuantizeWeights | None = None
     quantization: Quantization | None = None
     loss_chunks: int = 0  # row slices of the rewritten cross-entropy; 0: ORT's SoftmaxCrossEntropyLoss
+    loss_chunk_rows: int = 0  # the fewest rows per slice
     lora_scales_moved: int = 0  # LoRA scales applied to the rank-r intermediate (ortft/graph/lora_scale.py)
 
 
@@ -148,11 +149,12 @@ def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[s
 
 
 def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: bool | None,
-                    quantization: Quantization | None = None, loss_chunks: int = 0) -> LossGraph:
+                    quantization: Quantization | None = None, loss_chunks: int = 0,
+                    loss_chunk_rows: int = 1) -> LossGraph:
     """Apply the pre-artifact passes to `model` (in place) and save it under `work_dir`.
 
     `loss_chunks` > 0 replaces ORT's single-threaded SoftmaxCrossEntropyLoss by a log-sum-exp in that
-    many row slices (ortft/graph/chunked_loss.py); causal-LM graphs only.
+    many row slices of at least `loss_chunk_rows` rows each (ortft/graph/chunked_loss.py); causal-LM graphs only.
     """
     import onnx
 
@@ -168,7 +170,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
         quantizer = QuantizeWeights(quantization_targets(model, trainable_set, quantization), quantization.scheme,
                                     quantization.block_size, quantization.symmetric, as_inputs=True)
         quantizer.call(model)
-    chunked_losses = ChunkedCrossEntropy(loss_chunks).call(model).count if loss_chunks > 0 else 0
+    chunked_losses = ChunkedCrossEntropy(loss_chunks, loss_chunk_rows).call(model).count if loss_chunks > 0 else 0
     frozen = [init.name for init in model.graph.initializer if init.name not in trainable_set and _is_float(init)]
     missing = trainable_set - {init.name for init in model.graph.initializer}
     if missing:
@@ -187,7 +189,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
                      float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization,
-                     loss_chunks if chunked_losses else 0, lora_scales_moved)
+                     loss_chunks if chunked_losses else 0, loss_chunk_rows if chunked_losses else 0, lora_scales_moved)
 
 
 def generate(
@@ -212,7 +214,7 @@ def generate(
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
     result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
-              "lora_scales_moved": loss_graph.lora_scales_moved}
+              "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0

@@ -38,10 +38,10 @@ def _session(model):
     return onnxruntime_module().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _rewritten(model, chunks: int):
+def _rewritten(model, chunks: int, min_rows: int = 1):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    result = ChunkedCrossEntropy(chunks).call(copy)
+    result = ChunkedCrossEntropy(chunks, min_rows).call(copy)
     assert result.modified and result.count == 1
     onnx.checker.check_model(copy)
     return copy
@@ -96,6 +96,26 @@ def test_log_probabilities_read_elsewhere_keep_the_fused_op():
     assert not ChunkedCrossEntropy(4).call(model).modified
     with pytest.raises(ValueError):
         ChunkedCrossEntropy(0)
+    with pytest.raises(ValueError):
+        ChunkedCrossEntropy(4, min_rows=0)
+
+
+@pytest.mark.parametrize("rows, sizes", [(3, [3, 0, 0, 0]), (7, [5, 2, 0, 0]), (12, [5, 5, 2, 0]), (40, [10, 10, 10, 10])])
+def test_slices_hold_at_least_min_rows_and_give_the_same_loss(rows, sizes):
+    """Few labelled rows go in fewer, larger slices (faster LM-head products); many rows still in `chunks` slices."""
+    from ortft.graph.chunked_loss import CHUNKED_LOSS_PREFIX
+
+    model = _head_and_loss()
+    chunked = _rewritten(model, chunks=4, min_rows=5)
+    slice_logits = [f"{CHUNKED_LOSS_PREFIX}0/chunk{i}_logits" for i in range(4)]
+    chunked.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in slice_logits)
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, VOCAB, rows).astype(np.int64)
+    labels[0] = -100
+    feeds = {"hidden": (rng.standard_normal((rows, HIDDEN)) * 4).astype(np.float32), "labels": labels}
+    loss, *logits = _session(chunked).run(None, feeds)
+    assert [part.shape[0] for part in logits] == sizes
+    assert loss == pytest.approx(float(_session(model).run(None, feeds)[0]), rel=2e-6)
 
 
 def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_llama, tmp_path):
@@ -105,8 +125,9 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
     from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
 
     fused = prepare_tiny(tiny_llama, tmp_path / "fused", loss_chunks=0)
-    chunked = prepare_tiny(tiny_llama, tmp_path / "chunked", loss_chunks=3)
+    chunked = prepare_tiny(tiny_llama, tmp_path / "chunked", loss_chunks=3, loss_chunk_rows=1)  # three real slices
     assert fused["graph_patches"]["loss_chunks"] == 0 and chunked["graph_patches"]["loss_chunks"] == 3
+    assert chunked["graph_patches"]["loss_chunk_rows"] == 1
     for name, expected in (("fused", 1), ("chunked", 0)):
         for graph in ("training_model.onnx", "eval_model.onnx"):
             nodes = onnx.load(str(tmp_path / name / graph), load_external_data=False).graph.node
@@ -122,3 +143,22 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
     few["labels"][:] = -100
     few["labels"][0, 5:7] = batch["input_ids"][0, 5:7]  # two counted positions: one slice stays empty
     assert_trains_alike(sessions, few, steps=1, rel=1e-5, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_flags_reach_the_manifest_and_bad_values_exit_2(tiny_llama, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def prepare(*flags):
+        return subprocess.run([sys.executable, "-m", "ortft", "prepare", str(tiny_llama), "--out", str(tmp_path / "b"),
+                               "--rank", "4", *flags], capture_output=True, text=True)
+
+    refused = prepare("--loss-chunk-rows", "0")
+    assert refused.returncode == 2 and "--loss-chunk-rows" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "b").exists()
+    made = prepare("--loss-chunks", "3", "--loss-chunk-rows", "2")
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["graph_patches"]["loss_chunks"] == 3 and manifest["graph_patches"]["loss_chunk_rows"] == 2
+    assert manifest["prepare"]["config"]["loss_chunk_rows"] == 2
