@@ -76,6 +76,8 @@ TINY_SETTINGS = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layer
 
 LORA = {"rank": 16, "alpha": 32.0, "targets": "all-linear"}
 ADAMW = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0}  # ortft's bundle optimizer
+# The code that decides what a bundle's graphs contain: a cached bundle made by other code is rebuilt.
+BUNDLE_CODE = ("ortft/graph", "ortft/prepare", "ortft/config.py", "ortft/quantize.py", "ortft/manifest.py")
 
 
 def log(message: str) -> None:
@@ -181,7 +183,9 @@ def worker_prepare(spec: dict) -> dict:
     config = bundle_config(spec)
     if not bundle_matches(bundle, config):
         init.unlink(missing_ok=True)  # the initial adapter weights come from the new bundle
+        code_stamp(bundle).unlink(missing_ok=True)
         prepare_bundle(config, quiet=True)
+        write_bytes_atomic(code_stamp(bundle), bundle_code_hash().encode())
     if not init.is_file():
         from ortft.runtime import training_api
 
@@ -205,12 +209,33 @@ def bundle_config(spec: dict):
                          force=bundle.exists())
 
 
+def bundle_code_hash() -> str:
+    """sha256 over the source of BUNDLE_CODE (paths and contents, in a fixed order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for entry in BUNDLE_CODE:
+        path = ROOT / entry
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(source.relative_to(ROOT)).encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def code_stamp(bundle: Path) -> Path:
+    """Beside the cached bundle (not inside it: the manifest lists the bundle's files): the code hash it was made by."""
+    return bundle.parent / f"{bundle.name}.code-sha256"
+
+
 def bundle_matches(bundle: Path, config) -> bool:
-    """A cached bundle made with these prepare settings (today's defaults included) by this ortft version;
-    otherwise it is rebuilt, so a new default (e.g. a graph pass) is never measured on a stale bundle."""
+    """A cached bundle made with these prepare settings (today's defaults included) by this ortft version
+    and by the same graph-building code; otherwise it is rebuilt, so a new default or a changed graph pass
+    is never measured on a stale bundle."""
     try:
         manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+        stamp = code_stamp(bundle).read_text(encoding="utf-8").strip()
     except (OSError, ValueError):
+        return False
+    if stamp != bundle_code_hash():
         return False
     from ortft import __version__
 
@@ -772,7 +797,8 @@ def parse_args(argv=None):
     parser.add_argument("--peak-size", type=int, default=2048, help="matrix size n of the n x n fp32 matmul peak measurement (default 2048)")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="time spent on each matmul peak measurement (default 1.0)")
     parser.add_argument("--cache-dir", default=str(ROOT / "artifacts" / "bench"),
-                        help="where bundles and model copies are cached, keyed by settings (default artifacts/bench)")
+                        help="where bundles and model copies are cached (default artifacts/bench); a bundle is rebuilt when its "
+                             "prepare settings, ortft's defaults or the graph-building code (ortft/graph, ortft/prepare) change")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bundles and model copies of the chosen cases")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

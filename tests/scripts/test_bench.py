@@ -43,3 +43,41 @@ def test_bench_tiny_case_writes_json(tmp_path):
         assert result["versions"][name]
     table = markdown.read_text()
     assert "| tiny |" in table and "No measurements yet." not in table
+
+
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ortft_bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cached_bundle_made_by_other_graph_code_is_stale(tmp_path, monkeypatch):
+    """The cache check compares settings, ortft's version and a hash of the graph-building code."""
+    from ortft import __version__
+
+    bench = _load_bench()
+    tree = tmp_path / "tree"
+    for relative in ("ortft/graph/a_pass.py", "ortft/prepare/step.py", "ortft/config.py", "ortft/quantize.py",
+                     "ortft/manifest.py", "ortft/train.py"):
+        (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tree / relative).write_text(f"# {relative}\n")
+    monkeypatch.setattr(bench, "ROOT", tree)
+    bundle = tmp_path / "cache" / "bundle-x"
+    bundle.mkdir(parents=True)
+    config = bench.bundle_config({"model": "tiny", "layers": None, "source": None, "hf_dir": str(tmp_path / "hf"),
+                                  "bundle": str(bundle)})
+    settings = {key: value for key, value in json.loads(json.dumps(config.to_dict())).items() if key not in ("force", "verbose")}
+    (bundle / "manifest.json").write_text(json.dumps({"prepare": {"config": settings}, "versions": {"ortft": __version__}}))
+    assert not bench.bundle_matches(bundle, config)  # no stamp: made before stamps, or by a killed build
+    bench.code_stamp(bundle).write_text(bench.bundle_code_hash())
+    assert bench.bundle_matches(bundle, config)
+    (tree / "ortft/train.py").write_text("# the device loop changed: no rebuild needed\n")
+    assert bench.bundle_matches(bundle, config)
+    (tree / "ortft/graph/a_pass.py").write_text("# a graph pass changed\n")
+    assert not bench.bundle_matches(bundle, config)
+    bench.code_stamp(bundle).write_text(bench.bundle_code_hash())
+    config.loss_chunk_rows += 1  # other prepare settings
+    assert not bench.bundle_matches(bundle, config)
