@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import TASKS, PrepareConfig
+from ..config import FLOAT_LOSS_CHUNK_ROWS, TASKS, PrepareConfig
 from ..errors import UserError
 
 _defaults = PrepareConfig()
@@ -48,9 +48,10 @@ _defaults = PrepareConfig()
 @click.option("--loss-chunks", type=click.IntRange(min=0), default=_defaults.loss_chunks, show_default=True,
               help="Causal LM: compute the LM head and cross-entropy in this many row slices, as a log-sum-exp of "
                    "threaded ops; 0 keeps ORT's SoftmaxCrossEntropyLoss (one thread, ~0.5 s slower per SmolLM2 step at 4 x 256).")
-@click.option("--loss-chunk-rows", type=click.IntRange(min=1), default=_defaults.loss_chunk_rows, show_default=True,
+@click.option("--loss-chunk-rows", type=click.IntRange(min=1), default=None,
               help="The fewest labelled rows per loss slice: batches with few labelled positions use fewer, larger "
-                   "slices (larger LM-head products run faster); more rows per slice cost memory.")
+                   "slices (larger LM-head products run faster); more rows per slice cost memory. "
+                   f"[default: {FLOAT_LOSS_CHUNK_ROWS}; 1, even slices, with --quantize]")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")

@@ -232,7 +232,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             trainable_names = sorted(entry["name"] for entry in trainable)
             loss_graph = artifacts.save_loss_graph(loss_model, trainable_names, work_dir, config.external_data, quantization,
                                                    loss_chunks=config.loss_chunks if causal else 0,
-                                                   loss_chunk_rows=config.loss_chunk_rows)
+                                                   loss_chunk_rows=config.resolved_loss_chunk_rows())
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()

@@ -74,6 +74,7 @@ def test_manifest_describes_bundle(tiny_llama, tmp_path):
     assert [i["name"] for i in manifest["graph"]["inputs"]] == ["input_ids", "attention_mask", "position_ids", "labels"]
     assert all(i["dtype"] == "int64" for i in manifest["graph"]["inputs"])
     assert not any(e["name"] in manifest["frozen"] for e in manifest["trainable"])
+    assert manifest["graph_patches"]["loss_chunks"] == 8 and manifest["graph_patches"]["loss_chunk_rows"] == 256
 
 
 def test_validate_passes_and_detects_tampering(tiny_llama, tmp_path):

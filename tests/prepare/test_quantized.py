@@ -34,6 +34,7 @@ def test_quantized_bundle_reports_errors_evaluates_close_and_trains(tiny_llama, 
     bound = 0.01 if scheme == "int8" else 1 / 14 + 1e-6
     assert all(layer["max_rel_error"] < bound for layer in section["layers"].values())
     assert section["recomputed_for_backward"] > 0
+    assert manifest["graph_patches"]["loss_chunk_rows"] == 1  # quantized: even loss slices, the least memory
     training = onnx.load(str(tmp_path / "b" / "training_model.onnx"))
     assert sum(n.op_type == "DequantizeLinear" for n in training.graph.node) == 14 + section["recomputed_for_backward"]
     assert any(line.startswith("frozen bytes") for line in summary_lines(manifest))

@@ -79,5 +79,5 @@ def test_a_cached_bundle_made_by_other_graph_code_is_stale(tmp_path, monkeypatch
     (tree / "ortft/graph/a_pass.py").write_text("# a graph pass changed\n")
     assert not bench.bundle_matches(bundle, config)
     bench.code_stamp(bundle).write_text(bench.bundle_code_hash())
-    config.loss_chunk_rows += 1  # other prepare settings
+    config.loss_chunk_rows = 7  # other prepare settings
     assert not bench.bundle_matches(bundle, config)
