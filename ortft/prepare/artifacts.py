@@ -36,6 +36,7 @@ from ..graph.pretranspose import PretransposeFrozenWeights
 from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
 from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
+from ..graph.share_dequantized import ShareDequantized
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
 from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
@@ -244,6 +245,7 @@ def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
 
     quantizer, settings = loss_graph.quantizer, loss_graph.quantization
     recomputed = 0
+    shared = {}
     offsets = write_external_tensors(quantizer.tensors, out_dir / QUANTIZED_DATA)
     for file_name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / file_name
@@ -251,6 +253,7 @@ def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
         ExternalizeInputs(quantizer.tensors, QUANTIZED_DATA, offsets).call(graph)
         if file_name == "training_model.onnx" and settings.recompute:
             recomputed = RecomputeDequantize(NODE_PREFIX).call(graph).count
+        shared[file_name] = ShareDequantized().call(graph).count  # after the clones: each may have readers
         onnx.save_model(graph, str(path))
         del graph
     quantized_bytes = sum(layer["bytes_after"] for layer in quantizer.layers.values())
@@ -262,6 +265,7 @@ def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
         "embeddings": settings.embeddings,
         "opset": loss_graph.opset,
         "recomputed_for_backward": recomputed,
+        "dequantize_shared": shared,
         "layers": quantizer.layers,
         "frozen_bytes_before": loss_graph.frozen_bytes_before,
         "frozen_bytes_after": loss_graph.float_frozen_bytes_after + quantized_bytes,
