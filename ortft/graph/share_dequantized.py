@@ -22,6 +22,8 @@ SHARED_SUFFIX = "_shared"
 
 
 class ShareDequantized(GraphPass):
+    """Give each DequantizeLinear of a 2-D initializer that several nodes read one no-op Flatten reader."""
+
     def call(self, model) -> PassResult:
         from onnx import helper
 
