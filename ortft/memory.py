@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import gc
 import sys
+from functools import lru_cache
 
 
+@lru_cache(maxsize=1)
 def _glibc():
-    """glibc through ctypes on Linux, else None (every helper here is then a no-op)."""
+    """glibc through ctypes on Linux (loaded once), else None (every helper here is then a no-op)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -37,12 +37,12 @@ class ShareDequantized(GraphPass):
             if node.op_type != "DequantizeLinear":
                 continue
             output = node.output[0]
-            readers = consumers.get(output, [])
-            if len({id(reader) for reader in readers}) < 2 or ranks.get(node.input[0]) != 2:
+            readers = list({id(reader): reader for reader in consumers.get(output, [])}.values())
+            if len(readers) < 2 or ranks.get(node.input[0]) != 2:
                 continue  # one reader is never duplicated; Flatten keeps only a 2-D weight as it is
             shared = f"{output}{SHARED_SUFFIX}"
             rewritten.append(helper.make_node("Flatten", [output], [shared], name=f"{node.name}{SHARED_SUFFIX}", axis=1))
-            for reader in {id(reader): reader for reader in readers}.values():
+            for reader in readers:
                 for index, name in enumerate(reader.input):
                     if name == output:
                         reader.input[index] = shared
