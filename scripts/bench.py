@@ -174,7 +174,7 @@ def worker_prepare(spec: dict) -> dict:
 
             source = sources.resolve_source(spec["source"], None)
             config = sources.load_config(source)
-            model = sources.load_model(source, config, "causal-lm", None, 0)
+            model = sources.load_model(source, config, "causal-lm", None, 0, quiet=True)
             tokenizer = sources.load_tokenizer(source)
             with staged_dir(hf_dir) as stage:
                 model.save_pretrained(str(stage), safe_serialization=True)

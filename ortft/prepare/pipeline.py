@@ -193,7 +193,8 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             hf_config.id2label = dict(enumerate(labels))
             hf_config.label2id = {name: i for i, name in enumerate(labels)}
     with reporter.stage(f"loading {source.display}"):
-        model = sources.load_model(source, hf_config, config.task, len(labels) if labels else None, config.seed)
+        model = sources.load_model(source, hf_config, config.task, len(labels) if labels else None, config.seed,
+                                   quiet=quiet)
         tokenizer = sources.load_tokenizer(source)
         weights_sha256 = source.weights_sha256()
 

@@ -5,6 +5,8 @@ Refuses folders that need `trust_remote_code` and pickle weights; the loaded mod
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -122,8 +124,11 @@ def load_config(source: ModelSource):
     return config
 
 
-def load_model(source: ModelSource, config, task: str, num_labels: int | None, seed: int):
-    """Load the model in float32 for `task`, with eager attention (what the exporter handles)."""
+def load_model(source: ModelSource, config, task: str, num_labels: int | None, seed: int, quiet: bool = False):
+    """Load the model in float32 for `task`, with eager attention (what the exporter handles).
+
+    `quiet` also hides transformers' own progress bar of a GGUF load.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -141,7 +146,8 @@ def load_model(source: ModelSource, config, task: str, num_labels: int | None, s
     else:
         kwargs["use_safetensors"] = True
     try:
-        model = auto.from_pretrained(str(source.folder), attn_implementation="eager", **kwargs)
+        with _gguf_progress_hidden(quiet and bool(source.gguf_file)):
+            model = auto.from_pretrained(str(source.folder), attn_implementation="eager", **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{source.display}: could not load the weights: {exc}") from exc
     model = model.float()
@@ -149,6 +155,29 @@ def load_model(source: ModelSource, config, task: str, num_labels: int | None, s
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def _gguf_progress_hidden(hidden: bool):
+    """Disable the tqdm bar transformers draws while it de-quantizes GGUF tensors.
+
+    It is a plain `tqdm.auto` bar bound at import time in transformers' GGUF module (transformers'
+    `disable_progress_bar()` does not reach it), so the module's name is swapped for the block only.
+    """
+    if not hidden:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a transformers without that bar: nothing to hide
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def load_tokenizer(source: ModelSource):

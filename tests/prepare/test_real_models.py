@@ -77,3 +77,21 @@ def test_smollm2_greedy_generation_matches_transformers_peft(smollm2_bundle, smo
         assert generator.stats.stopped_by == "eos"
     assert ours == expected
     assert len(ours) > 3
+
+
+def test_quiet_gguf_load_draws_no_progress_bar(smollm2_dir, capfd):
+    """`prepare_bundle(quiet=True)` (bench, tests) must not print transformers' GGUF de-quantizing bar."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from ortft.prepare import source as sources
+
+    original = gguf_utils.tqdm
+    source = sources.resolve_source(str(smollm2_dir), None)
+    config = sources.load_config(source)
+    capfd.readouterr()
+    sources.load_model(source, config, "causal-lm", None, 0, quiet=True)
+    assert "de-quantizing" not in capfd.readouterr().err
+    assert gguf_utils.tqdm is original  # restored after the load
+    config = sources.load_config(source)
+    sources.load_model(source, config, "causal-lm", None, 0)
+    assert "de-quantizing" in capfd.readouterr().err  # not quiet: the bar of a long load stays
