@@ -58,6 +58,26 @@ def disk_error(exc: OSError, target: Path) -> DiskWriteError:
     return DiskWriteError(f"could not write {target}: {what}; nothing half-written was left", hint=todo)
 
 
+_NATIVE_ERRNO = re.compile(r"errno:\s*(\d+)")
+
+
+@contextlib.contextmanager
+def native_write_errors() -> Iterator[None]:
+    """Re-raise a failed write inside ONNX Runtime's C++ code as the OSError it stands for.
+
+    ORT reports e.g. a full disk while saving a checkpoint as a RuntimeError whose message ends in
+    "error:No space left on device errno:28"; as an OSError it reaches `disk_error` like any other.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        match = _NATIVE_ERRNO.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code)) from exc
+
+
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, and rename."""
     path = Path(path)

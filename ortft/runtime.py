@@ -16,6 +16,7 @@ import sys
 import types
 from functools import lru_cache
 
+from .fsutil import native_write_errors
 from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
 
@@ -221,4 +222,5 @@ class TrainingSession:
         return [name for name, parameter in self.state.parameters if parameter.requires_grad]
 
     def save(self, path, include_optimizer_state: bool = True) -> None:
-        self._api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=include_optimizer_state)
+        with native_write_errors():  # a full disk is an OSError, not ORT's RuntimeError
+            self._api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=include_optimizer_state)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from ortft.fsutil import TEMP_PREFIX, remove_stale_staging, staged_dir
+import pytest
+
+from ortft.fsutil import TEMP_PREFIX, native_write_errors, remove_stale_staging, staged_dir
 
 
 def _dead_pid() -> int:
@@ -36,3 +39,13 @@ def test_remove_stale_staging_ignores_foreign_names(tmp_path):
     (tmp_path / f"{TEMP_PREFIX}bundle-notapid-abcd1234").mkdir()
     (tmp_path / "bundle-123-abcd1234").mkdir()
     assert remove_stale_staging(tmp_path / "bundle") == []
+
+
+def test_native_write_errors_become_os_errors():
+    message = "checkpoint.cc:231 ToFile Failed to save checkpoint to file: /x/checkpoint. error:No space left on device errno:28"
+    with pytest.raises(OSError) as caught, native_write_errors():
+        raise RuntimeError(message)
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="no errno here"), native_write_errors():
+        raise RuntimeError("no errno here")  # any other native failure is left as it is
+

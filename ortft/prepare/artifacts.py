@@ -38,6 +38,7 @@ from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.transposed_gemm import TransposeIntoGemm
+from ..fsutil import native_write_errors
 from ..quiet import native_stderr_captured
 from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
 
@@ -211,7 +212,7 @@ def generate(
     from onnxruntime.training import artifacts
 
     onnxruntime.set_default_logger_severity(3)
-    with native_stderr_captured(enabled=not verbose):
+    with native_stderr_captured(enabled=not verbose), native_write_errors():
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
     result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
