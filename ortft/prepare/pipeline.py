@@ -139,8 +139,9 @@ def _model_facts(model, config, max_seq_len: int) -> dict:
 def _save_tokenizer(tokenizer, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
-    for leftover in ("vocab.txt", "merges.txt", "vocab.json", "added_tokens.json"):
-        # The device reads tokenizer.json only; slow-tokenizer files would just take space.
+    for leftover in ("vocab.txt", "merges.txt", "vocab.json", "added_tokens.json", "tokenizer.model"):
+        # The device reads tokenizer.json only; slow-tokenizer files would just take space (a tokenizer
+        # loaded from a GGUF file even saves the whole GGUF, weights included, as tokenizer.model).
         if (folder / "tokenizer.json").is_file() and (folder / leftover).exists():
             (folder / leftover).unlink()
     template = getattr(tokenizer, "chat_template", None)
