@@ -98,6 +98,7 @@ def use_exact_size_arena(options) -> None:
 
 
 QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
+FROZEN_DATA = "frozen_weights.data"  # the frozen float weights, initializers of both graphs (not in the checkpoint)
 
 
 def keep_dequantize_separate(options) -> None:

@@ -99,7 +99,10 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     session.optimizer_step(1e-3)
     report.add("synthetic step gives a finite loss", bool(np.isfinite(loss)), f"loss {loss:.4f}")
     changed_frozen = [name for name, digest in frozen_before.items() if _digest(session.parameter(name)) != digest]
-    report.add("frozen parameters unchanged", not changed_frozen, ", ".join(changed_frozen[:3]) or f"{len(frozen_before)} frozen")
+    in_graph = manifest.get("frozen_weights") or {}
+    unchanged = f"{len(frozen_before)} frozen in the checkpoint" + (
+        f", {in_graph.get('tensors', 0)} constants of the graphs ({in_graph.get('file')})" if in_graph else "")
+    report.add("frozen parameters unchanged", not changed_frozen, ", ".join(changed_frozen[:3]) or unchanged)
     changed_trainable = sum(not np.array_equal(session.parameter(name), value) for name, value in trainable_before.items())
     report.add("trainable parameters updated", changed_trainable > 0, f"{changed_trainable} of {len(actual)} changed")
     return report

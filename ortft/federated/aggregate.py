@@ -67,14 +67,14 @@ def adapter_nbytes(adapter: dict[str, np.ndarray]) -> int:
 
 def initial_adapter(bundle: Path | str, manifest: dict, session=None) -> tuple[dict[str, np.ndarray], int]:
     """The bundle checkpoint's trainable tensors (the adapter every run starts from), and the bytes of
-    the base model's frozen weights in that checkpoint."""
+    the base model's frozen weights (frozen_weights.data, or in the checkpoint of an older bundle)."""
     from ..runtime import TrainingSession
 
     if session is None:
         session = TrainingSession(bundle, with_optimizer=False)
     trainable = [entry["name"] for entry in manifest["trainable"]]
     adapter = {name: np.ascontiguousarray(session.parameter(name), dtype=np.float32) for name in trainable}
-    frozen = 0
+    frozen = int((manifest.get("frozen_weights") or {}).get("bytes", 0))
     for name in session.parameter_names():
         if name not in adapter:
             frozen += int(np.asarray(session.parameter(name)).nbytes)

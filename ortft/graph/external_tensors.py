@@ -7,7 +7,11 @@ then copied them into its own tensors: a load-time peak of several copies (measu
 one shared file (offsets aligned to 4 KiB) each graph file stays small and ORT reads the bytes
 straight into its tensors.
 
-`write_external_tensors(tensors, path)` writes the file once and returns the offsets;
+The frozen float weights of every bundle travel the same way (frozen_weights.data), so that checkpoints
+hold the trainable state only.
+
+`write_external_tensors(tensors, path)` (or `write_external_blobs` for a stream of bytes) writes the
+file once and returns the offsets;
 `ExternalizeInputs(tensors, location, offsets)` turns the graph inputs of those names into
 initializers that point into it.
 """
@@ -15,6 +19,7 @@ initializers that point into it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from .base import GraphPass, PassResult
 
@@ -23,18 +28,28 @@ ALIGNMENT = 4096
 
 def write_external_tensors(tensors: dict, path: Path) -> dict[str, tuple[int, int]]:
     """Write each TensorProto's raw bytes to `path` (aligned); returns name -> (offset, length)."""
-    offsets = {}
-    with open(path, "wb") as handle:
-        position = 0
+    def raw_bytes():
         for name, tensor in tensors.items():
             if not tensor.HasField("raw_data"):
                 raise ValueError(f"tensor {name} has no raw_data to store externally")
+            yield name, tensor.raw_data
+
+    return write_external_blobs(raw_bytes(), path)
+
+
+def write_external_blobs(blobs: Iterable[tuple[str, bytes]], path: Path) -> dict[str, tuple[int, int]]:
+    """Write each (name, bytes) to `path`, every start aligned to 4 KiB (ORT maps aligned data straight
+    into its tensors); returns name -> (offset, length). `blobs` may be a generator: one at a time in memory."""
+    offsets = {}
+    with open(path, "wb") as handle:
+        position = 0
+        for name, data in blobs:
             padding = (-position) % ALIGNMENT
             handle.write(b"\0" * padding)
             position += padding
-            handle.write(tensor.raw_data)
-            offsets[name] = (position, len(tensor.raw_data))
-            position += len(tensor.raw_data)
+            handle.write(data)
+            offsets[name] = (position, len(data))
+            position += len(data)
     return offsets
 
 

@@ -12,12 +12,11 @@ The training graph then gets a second DequantizeLinear per weight for its backwa
 
 ORT builds the gradient graph from a weightless skeleton: the frozen float weights leave the loss
 graph as plain graph inputs (their bytes go, serialized, to a side file) before `generate_artifacts`
-sees it, and the checkpoint is then written with them as its frozen parameters. The gradient graph
+sees it; afterwards they become initializers of the generated training and eval graphs whose bytes are
+stored once, in frozen_weights.data, and the checkpoint holds the trainable tensors only. The gradient graph
 does not depend on weight values, and ORT's generator copies the whole model several times over
 (serialized, parsed, optimised, gradient-built, once for the training and once for the eval graph):
-a randomly initialised 1.1B Llama (4.4 GB of weights) was killed at 24 GB in that stage. The
-training session tells parameters from user inputs by checkpoint membership, so the frozen inputs
-are parameters again at load time, exactly as when the generator made them inputs itself.
+a randomly initialised 1.1B Llama (4.4 GB of weights) was killed at 24 GB in that stage.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from ..graph.chunked_loss import ChunkedCrossEntropy
 from ..graph.eval_dropout import DisableDropout
-from ..graph.external_tensors import ExternalizeInputs, write_external_tensors
+from ..graph.external_tensors import ExternalizeInputs, write_external_blobs, write_external_tensors
 from ..graph.lora_scale import ScaleLoraIntermediate
 from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.optional_outputs import AddOptionalOutputs
@@ -40,7 +39,7 @@ from ..graph.share_dequantized import ShareDequantized
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..fsutil import native_write_errors
 from ..quiet import native_stderr_captured
-from ..runtime import QUANTIZED_DATA  # the quantized frozen weights, shared by the training and eval graphs
+from ..runtime import FROZEN_DATA, QUANTIZED_DATA  # weights shared by the training and eval graphs, outside the checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class LossGraph:
 
     path: Path
     trainable: set[str]
-    frozen: list[str]  # float initializers that are not trainable (the checkpoint's frozen parameters)
+    frozen: list[str]  # float initializers that are not trainable (stored in FROZEN_DATA)
     pretransposed: int
     opset: int
     frozen_bytes_before: int
@@ -214,8 +213,9 @@ def generate(
     onnxruntime.set_default_logger_severity(3)
     with native_stderr_captured(enabled=not verbose), native_write_errors():
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
-        _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's, which lacks the frozen weights
-    result = {"pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
+        _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's: the trainable tensors only
+    frozen_store = _store_frozen_weights(loss_graph, out_dir)
+    result = {"frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
               "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
@@ -297,19 +297,61 @@ def _generate_artifacts(artifacts, source, trainable_set, weight_decay, max_grad
 
 
 def _write_checkpoint(loss_graph: LossGraph, path: Path) -> None:
-    """Write the checkpoint with the trainable tensors and the frozen weights set aside earlier."""
+    """Write the checkpoint with the trainable tensors only: the frozen weights go to FROZEN_DATA."""
     import onnx
     from onnxruntime.capi._pybind_state import save_checkpoint
 
     skeleton = onnx.load(str(loss_graph.path))
     trainable = [tensor.SerializeToString() for tensor in skeleton.graph.initializer if tensor.name in loss_graph.trainable]
     del skeleton
-    frozen = []
-    with open(loss_graph.frozen_store, "rb") as handle:
-        for _name, offset, length in loss_graph.frozen_index:
-            handle.seek(offset)
-            frozen.append(handle.read(length))
-    save_checkpoint(trainable, frozen, str(path), False)
+    save_checkpoint(trainable, [], str(path), False)
+
+
+def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:
+    """Write the frozen float weights set aside earlier to FROZEN_DATA, one tensor in memory at a time,
+    and make them initializers of the training and eval graphs that point into it.
+
+    Not in the checkpoint, they are never copied into a run's checkpoints (SmolLM2-135M: 569 MB -> 56 MB
+    and ~6 s -> 0.2 s per save), and ORT maps the file's pages instead of reading them into a checkpoint
+    state: both sessions share one copy. A tensor without bytes stays inline (nothing to map).
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    shapes = {}  # name -> a TensorProto with the type and dims only, what ExternalizeInputs needs
+    empty = {}
+
+    def frozen_bytes():
+        with open(loss_graph.frozen_store, "rb") as handle:
+            for name, offset, length in loss_graph.frozen_index:
+                handle.seek(offset)
+                tensor = TensorProto()
+                tensor.ParseFromString(handle.read(length))
+                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                if not data:
+                    empty[name] = tensor
+                    continue
+                shape = TensorProto()
+                shape.name, shape.data_type = name, tensor.data_type
+                shape.dims.extend(tensor.dims)
+                shapes[name] = shape
+                yield name, data
+
+    offsets = write_external_blobs(frozen_bytes(), out_dir / FROZEN_DATA)
+    for file_name in ("training_model.onnx", "eval_model.onnx"):
+        path = out_dir / file_name
+        graph = onnx.load(str(path), load_external_data=False)
+        ExternalizeInputs(shapes, FROZEN_DATA, offsets).call(graph)
+        inline = [value.name for value in graph.graph.input if value.name in empty]
+        if inline:
+            kept = [value for value in graph.graph.input if value.name not in empty]
+            del graph.graph.input[:]
+            graph.graph.input.extend(kept)
+            graph.graph.initializer.extend(empty[name] for name in inline)
+        onnx.save_model(graph, str(path))
+        del graph
+    return {"file": FROZEN_DATA, "tensors": len(offsets) + len(empty),
+            "bytes": int(sum(length for _offset, length in offsets.values()))}
 
 
 def _is_float(initializer) -> bool:

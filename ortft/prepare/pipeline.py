@@ -241,6 +241,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             passes = artifacts.generate(loss_graph, stage_dir, config.weight_decay, config.max_grad_norm, config.verbose,
                                         recompute_activations=config.recompute_activations)
             quantization_section = passes.pop("quantization", None)
+            frozen_weights_section = passes.pop("frozen_weights")
         with reporter.stage("writing the manifest"):
             shutil.rmtree(work_dir)
             manifest = {
@@ -268,6 +269,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 },
                 "trainable": trainable,
                 "frozen": frozen,
+                "frozen_weights": frozen_weights_section,
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,

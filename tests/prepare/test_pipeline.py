@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ortft.manifest import load_verified
-from ortft.runtime import TrainingSession
+from ortft.runtime import FROZEN_DATA, TrainingSession
 from ortft.validate import validate_bundle
 
 from .helpers import batch_for, prepare_tiny, randomize_adapters, torch_loss, torch_peft_model
@@ -132,7 +132,8 @@ def test_info_json_round_trips(tiny_llama, tmp_path):
 
 
 def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tmp_path, monkeypatch):
-    """The graph handed to ORT's generator holds no frozen weight; the checkpoint still holds them all."""
+    """The graph handed to ORT's generator holds no frozen weight; afterwards the frozen weights are
+    initializers of both generated graphs, stored once in frozen_weights.data, and not in the checkpoint."""
     import onnx
 
     from ortft.prepare import artifacts
@@ -151,8 +152,26 @@ def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tm
     manifest = prepare_tiny(tiny_llama, tmp_path / "b")
     assert manifest["frozen"] and seen["initializers"] <= seen["trainable"]
     assert set(manifest["frozen"]) <= seen["inputs"]
+    frozen = set(manifest["frozen"])
+    store = tmp_path / "b" / FROZEN_DATA
+    assert manifest["frozen_weights"] == {"file": FROZEN_DATA, "tensors": len(frozen), "bytes": manifest["frozen_weights"]["bytes"]}
+    assert 0 < manifest["frozen_weights"]["bytes"] <= store.stat().st_size
+    for file_name in ("training_model.onnx", "eval_model.onnx"):
+        graph = onnx.load(str(tmp_path / "b" / file_name), load_external_data=False).graph
+        external = {tensor.name: {entry.key: entry.value for entry in tensor.external_data}
+                    for tensor in graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL}
+        assert frozen <= set(external) and all(external[name]["location"] == FROZEN_DATA for name in frozen)
+        assert not frozen & {value.name for value in graph.input}
     session = TrainingSession(tmp_path / "b", threads=1)
     names = set(session.parameter_names())
-    assert set(manifest["frozen"]) <= names and seen["trainable"] <= names
-    assert not set(manifest["frozen"]) & set(session.input_names)  # parameters again, not user inputs
+    assert names == seen["trainable"]  # the checkpoint: the adapters and nothing else
+    assert not frozen & set(session.input_names)  # constants of the graph, not user inputs
+    # the frozen weights ORT uses are the model's: the bytes in the store equal the PyTorch weights
+    model = onnx.load(str(tmp_path / "b" / "training_model.onnx"))  # with its external data
+    weights = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer if tensor.name in frozen}
+    norm = next(name for name in frozen if name.endswith("layers.0.input_layernorm.weight"))
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).float()
+    np.testing.assert_array_equal(weights[norm], reference.model.layers[0].input_layernorm.weight.detach().numpy())
     assert validate_bundle(tmp_path / "b", threads=1).ok
