@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsutil import native_write_errors
 from ..graph.chunked_loss import ChunkedCrossEntropy
 from ..graph.eval_dropout import DisableDropout
 from ..graph.external_tensors import ExternalizeInputs, write_external_blobs, write_external_tensors
@@ -37,7 +38,6 @@ from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.transposed_gemm import TransposeIntoGemm
-from ..fsutil import native_write_errors
 from ..quiet import native_stderr_captured
 from ..runtime import FROZEN_DATA, QUANTIZED_DATA  # weights shared by the training and eval graphs, outside the checkpoint
 
@@ -313,13 +313,12 @@ def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:
 
     Not in the checkpoint, they are never copied into a run's checkpoints (SmolLM2-135M: 569 MB -> 56 MB
     and ~6 s -> 0.2 s per save), and ORT maps the file's pages instead of reading them into a checkpoint
-    state: both sessions share one copy. A tensor without bytes stays inline (nothing to map).
+    state: both sessions share one copy.
     """
     import onnx
     from onnx import TensorProto, numpy_helper
 
     shapes = {}  # name -> a TensorProto with the type and dims only, what ExternalizeInputs needs
-    empty = {}
 
     def frozen_bytes():
         with open(loss_graph.frozen_store, "rb") as handle:
@@ -327,30 +326,20 @@ def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:
                 handle.seek(offset)
                 tensor = TensorProto()
                 tensor.ParseFromString(handle.read(length))
-                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-                if not data:
-                    empty[name] = tensor
-                    continue
                 shape = TensorProto()
                 shape.name, shape.data_type = name, tensor.data_type
                 shape.dims.extend(tensor.dims)
                 shapes[name] = shape
-                yield name, data
+                yield name, tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
 
     offsets = write_external_blobs(frozen_bytes(), out_dir / FROZEN_DATA)
     for file_name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / file_name
         graph = onnx.load(str(path), load_external_data=False)
         ExternalizeInputs(shapes, FROZEN_DATA, offsets).call(graph)
-        inline = [value.name for value in graph.graph.input if value.name in empty]
-        if inline:
-            kept = [value for value in graph.graph.input if value.name not in empty]
-            del graph.graph.input[:]
-            graph.graph.input.extend(kept)
-            graph.graph.initializer.extend(empty[name] for name in inline)
         onnx.save_model(graph, str(path))
         del graph
-    return {"file": FROZEN_DATA, "tensors": len(offsets) + len(empty),
+    return {"file": FROZEN_DATA, "tensors": len(offsets),
             "bytes": int(sum(length for _offset, length in offsets.values()))}
 
 
