@@ -202,13 +202,15 @@ class TrainingSession:
         return self.module(*self._feed(batch))
 
     def release_idle_memory(self) -> None:
-        """Call before and after an evaluation pass: gives back freed heap (malloc_trim) and, for quantized
-        bundles, the pages of quantized_weights.data either session mapped. Otherwise the eval session's
-        pages stay counted on top of the next training step's peak (1.1B int4: ~0.6 GB of RSS); dropped
-        pages read back from the page cache (`ortft/memory.py`)."""
+        """Call before and after an evaluation pass: gives back freed heap (malloc_trim) and the pages of
+        frozen_weights.data and quantized_weights.data either session mapped. Otherwise the eval session's
+        pages stay counted on top of the next training step's peak (1.1B int4: ~0.6 GB of RSS; SmolLM2
+        float, 6 steps with 3 evaluations: 1953 -> 1380 MB); dropped pages read back from the page cache
+        (`ortft/memory.py`)."""
         release_freed_memory()
-        if self.quantized:
-            drop_mapped_pages(self.bundle_dir / QUANTIZED_DATA)
+        for data_file in (QUANTIZED_DATA, FROZEN_DATA):
+            if (self.bundle_dir / data_file).exists():
+                drop_mapped_pages(self.bundle_dir / data_file)
 
     def parameter(self, name: str):
         return self.state.parameters[name].data
