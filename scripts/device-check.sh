@@ -23,6 +23,8 @@ done
 "$DEV/bin/python" -c "import ortft, ortft.cli, ortft.runtime; ortft.runtime.training_api()"
 "$DEV/bin/ortft" --help >/dev/null
 "$DEV/bin/ortft" doctor
+# doctor must see the training API where train works (it once imported onnxruntime before ortft's torch-free set-up)
+"$DEV/bin/ortft" doctor --json | "$DEV/bin/python" -c 'import json, sys; facts = json.load(sys.stdin); assert facts["training_api"] == "ok", facts["training_api"]'
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -54,3 +54,32 @@ def test_blocker_would_catch_a_host_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "host-only module torch" in result.stderr
+
+
+DOCTOR_WITHOUT_HOST_LIBRARIES = """
+import importlib.abc, importlib.machinery, sys
+BLOCKED = {blocked!r}
+class Refuse(importlib.abc.Loader):  # importing fails as if not installed; find_spec still answers
+    def create_module(self, spec):
+        raise ImportError(f'No module named {{spec.name!r}} (blocked)')
+    def exec_module(self, module):
+        pass
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, Refuse())
+        return None
+sys.meta_path.insert(0, Blocker())
+from ortft.commands.doctor import collect
+facts = collect()
+assert facts['training_api'] == 'ok', facts['training_api']
+print('ok')
+"""
+
+
+def test_doctor_finds_the_training_api_without_torch():
+    """`ortft doctor` on a device (no torch) must report the training API that `train` uses as ok."""
+    code = DOCTOR_WITHOUT_HOST_LIBRARIES.format(blocked=HOST_ONLY)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")

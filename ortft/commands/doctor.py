@@ -34,9 +34,9 @@ def collect() -> dict:
     if facts["onnxruntime"] == "not installed":
         facts["onnxruntime"] = _version("onnxruntime-training")
     try:
-        import onnxruntime
+        from ..runtime import onnxruntime_module  # a plain `import onnxruntime` loads onnxruntime.training, which needs torch
 
-        facts["execution_providers"] = list(onnxruntime.get_available_providers())
+        facts["execution_providers"] = list(onnxruntime_module().get_available_providers())
     except Exception as exc:  # a broken install is exactly what doctor must report
         facts["execution_providers"] = [f"unavailable: {exc}"]
     try:
