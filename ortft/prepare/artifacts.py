@@ -37,6 +37,7 @@ from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_wei
 from ..graph.recompute import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
+from ..graph.shared_lora_input import ShareLoraInput
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..quiet import native_stderr_captured
 from ..runtime import FROZEN_DATA, QUANTIZED_DATA  # weights shared by the training and eval graphs, outside the checkpoint
@@ -114,6 +115,7 @@ class LossGraph:
     loss_chunks: int = 0  # row slices of the rewritten cross-entropy; 0: ORT's SoftmaxCrossEntropyLoss
     loss_chunk_rows: int = 0  # the fewest rows per slice
     lora_scales_moved: int = 0  # LoRA scales applied to the rank-r intermediate (ortft/graph/lora_scale.py)
+    lora_inputs_shared: int = 0  # LoRA down-projections run as one product per shared input (shared_lora_input.py)
 
 
 def detach_frozen_weights(model, frozen: list[str], store: Path) -> list[tuple[str, int, int]]:
@@ -161,6 +163,7 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
 
     trainable_set = set(trainable)
     lora_scales_moved = ScaleLoraIntermediate().call(model).count
+    lora_inputs_shared = ShareLoraInput(trainable_set).call(model).count
     pretransposed = PretransposeFrozenWeights(trainable_set).call(model).count
     pretransposed += TransposeIntoGemm().call(model).count  # a tied LM head: Gemm(transB=1) on the table itself
     frozen_bytes_before = _float_bytes(model, trainable_set)
@@ -190,7 +193,8 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
         onnx.save_model(model, str(path))
     return LossGraph(path, trainable_set, frozen, pretransposed, default_opset(model), frozen_bytes_before,
                      float_frozen_bytes_after, frozen_store, frozen_index, quantizer, quantization,
-                     loss_chunks if chunked_losses else 0, loss_chunk_rows if chunked_losses else 0, lora_scales_moved)
+                     loss_chunks if chunked_losses else 0, loss_chunk_rows if chunked_losses else 0, lora_scales_moved,
+                     lora_inputs_shared)
 
 
 def generate(
@@ -216,7 +220,8 @@ def generate(
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's: the trainable tensors only
     frozen_store = _store_frozen_weights(loss_graph, out_dir)
     result = {"frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
-              "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved}
+              "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved,
+              "lora_inputs_shared": loss_graph.lora_inputs_shared}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0

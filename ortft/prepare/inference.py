@@ -1,6 +1,8 @@
 """Export the BASE causal LM (no adapters) as an ONNX inference model with KV cache: the export template.
 
 Weights stay initializers named as Hugging Face parameters, so `ortft export` can fold adapters into them.
+Llama-style attention is exported in its cheaper form (ortft/prepare/attention.py): with grouped-query
+attention the cached keys and values are no longer copied to every query head at each generated token.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _torch_export(model, onnx_config, path: Path, opset: int) -> None:
     """
     import torch
 
+    from .attention import export_friendly_attention
+
     model_kwargs = {"logits_to_keep": 0} if "logits_to_keep" in _forward_parameters(model) else {}
     overrides = {"return_dict": True, **(onnx_config.values_override or {})}
     dummy_inputs = onnx_config.rename_ambiguous_inputs(onnx_config.generate_dummy_inputs(framework="pt"))
@@ -95,6 +99,7 @@ def _torch_export(model, onnx_config, path: Path, opset: int) -> None:
         _eval_mode(model),
         _config_overrides(model.config, overrides),
         onnx_config.patch_model_for_export(model, model_kwargs=model_kwargs),
+        export_friendly_attention(model),
     ):
         input_axes = onnx_config.ordered_inputs(model)
         output_axes = onnx_config.outputs

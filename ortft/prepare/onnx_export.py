@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import loss_graph
 from .activations import export_friendly_activations
+from .attention import export_friendly_attention
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def _is_encoder(model) -> bool:
 
 
 def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, opset: int, verbose: bool = False):
-    """Export the loss graph of `peft_model` to `path` and return the loaded onnx.ModelProto."""
+    """Export the loss graph of `peft_model` to `path`; returns the loaded onnx.ModelProto and how many
+    attention functions were exported in their cheaper form (ortft/prepare/attention.py)."""
     import onnx
     import torch
 
@@ -59,7 +61,8 @@ def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, op
         dynamic_axes["labels"] = {0: "batch"}
         dynamic_axes["logits"] = {0: "batch"}
     base = peft_model.get_base_model()
-    with warnings.catch_warnings(), export_patches(base), export_friendly_activations(base):
+    with (warnings.catch_warnings(), export_patches(base), export_friendly_activations(base),
+          export_friendly_attention(base) as attention_functions_replaced):
         if not verbose:
             warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -77,7 +80,7 @@ def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, op
         )
     model = onnx.load(str(path))
     strip_wrapper_prefix(model)
-    return model
+    return model, attention_functions_replaced
 
 
 def strip_wrapper_prefix(model) -> None:

@@ -215,7 +215,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
         with reporter.stage("exporting the training graph"):
             from .onnx_export import export_training_graph
 
-            loss_model = export_training_graph(
+            loss_model, attention_functions_replaced = export_training_graph(
                 peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose
             )
             patched = artifacts.prepare_loss_graph(loss_model)
@@ -273,7 +273,8 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
-                "graph_patches": {"optional_outputs_added": patched, **passes},
+                "graph_patches": {"optional_outputs_added": patched,
+                                  "attention_functions_replaced": attention_functions_replaced, **passes},
                 "quantization": quantization_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
