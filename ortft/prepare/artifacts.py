@@ -83,6 +83,32 @@ def optimizer_block(weight_decay: float, max_grad_norm: float | None):
     return onnxblock.optim.AdamW(weight_decay=weight_decay, clip_grad=clip)
 
 
+def use_pytorch_adamw_update(path: Path) -> None:
+    """Make the optimizer graph's AdamWOptimizer do torch.optim.AdamW's update (ORT's adam_mode 0).
+
+    onnxblock's AdamW always builds adam_mode 1, the update of the old `transformers.AdamW`: epsilon
+    is added to sqrt(v) before the second moment's bias correction (an effective epsilon of
+    eps / sqrt(1 - beta2^t): 32x larger at the first step, 3x at the hundredth) and the weight decay
+    comes after the step. LoRA's gradients are small, so that epsilon damps their updates: SmolLM2-135M
+    on the chat data, the same batches and starting adapters, ortft's loss drifted 0.5% -> 3.8% above
+    PyTorch+PEFT's over steps 2-8. Mode 0 is PyTorch's AdamW (decay first, both moments
+    bias-corrected), which is what users compare against and what Hugging Face's Trainer uses.
+    """
+    import onnx
+
+    graph = onnx.load(str(path))
+    nodes = [node for node in graph.graph.node if node.op_type == "AdamWOptimizer"]
+    if len(nodes) != 1:
+        raise RuntimeError(f"{path.name}: expected one AdamWOptimizer node, found {len(nodes)}")
+    for attribute in nodes[0].attribute:
+        if attribute.name == "correct_bias" and attribute.i != 1:
+            raise RuntimeError(f"{path.name}: PyTorch's AdamW update needs bias correction")
+    kept = [attribute for attribute in nodes[0].attribute if attribute.name != "adam_mode"]
+    del nodes[0].attribute[:]
+    nodes[0].attribute.extend(kept + [onnx.helper.make_attribute("adam_mode", 0)])
+    onnx.save_model(graph, str(path))
+
+
 def prepare_loss_graph(model) -> int:
     """Passes that the gradient builder needs; returns how many nodes were patched."""
     return AddOptionalOutputs().call(model).count
@@ -217,6 +243,7 @@ def generate(
     onnxruntime.set_default_logger_severity(3)
     with native_stderr_captured(enabled=not verbose), native_write_errors():
         _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
+        use_pytorch_adamw_update(out_dir / "optimizer_model.onnx")
         _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's: the trainable tensors only
     frozen_store = _store_frozen_weights(loss_graph, out_dir)
     result = {"frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
