@@ -45,7 +45,7 @@ class PrepareConfig:
     quantize_all_linear: bool = False  # quantize every frozen linear layer, not only the adapted ones
     quantize_embeddings: bool = False  # quantize the embedding table and the LM head too
     quantize_recompute: bool = True  # the backward pass dequantizes again rather than keeping the forward copy
-    recompute_activations: bool = True  # the backward recomputes cheap activations (SwiGLU) instead of keeping them
+    recompute_activations: bool = True  # the backward recomputes cheap activations (SwiGLU) and normed inputs instead of keeping them
     loss_chunks: int = 8  # causal LM: cross-entropy as a log-sum-exp in this many row slices; 0: ORT's fused op
     # ... but no slice smaller than this many rows (fewer, larger LM-head products on short batches);
     # None: FLOAT_LOSS_CHUNK_ROWS, or 1 (even slices, the least memory) for quantized bundles

@@ -34,7 +34,7 @@ from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.optional_outputs import AddOptionalOutputs
 from ..graph.pretranspose import PretransposeFrozenWeights
 from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
-from ..graph.recompute import RecomputeActivations
+from ..graph.recompute import RecomputeActivations, RecomputeNorms
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.shared_lora_input import ShareLoraInput
@@ -251,7 +251,8 @@ def generate(
               "lora_inputs_shared": loss_graph.lora_inputs_shared}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
-    result["recomputed_activations"] = _recompute_activations(out_dir / "training_model.onnx") if recompute_activations else 0
+    result.update(_recompute_activations(out_dir / "training_model.onnx") if recompute_activations
+                  else {"recomputed_activations": 0, "recomputed_norms": 0})
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
@@ -261,15 +262,17 @@ def generate(
     return result
 
 
-def _recompute_activations(path: Path) -> int:
-    """Clone cheap elementwise activations for the backward pass (ortft/graph/recompute.py); returns how many."""
+def _recompute_activations(path: Path) -> dict:
+    """Clone cheap activations and the adapters' normed inputs for the backward pass
+    (ortft/graph/recompute.py); returns how many of each (manifest keys)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False)
-    count = RecomputeActivations().call(graph).count
-    if count:
+    counts = {"recomputed_activations": RecomputeActivations().call(graph).count,
+              "recomputed_norms": RecomputeNorms().call(graph).count}
+    if any(counts.values()):
         onnx.save_model(graph, str(path))
-    return count
+    return counts
 
 
 def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:

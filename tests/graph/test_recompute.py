@@ -1,4 +1,5 @@
-"""Tests of ortft/graph/recompute.py on a hand-built SwiGLU MLP with gradient-like nodes (names ending in _grad)."""
+"""Tests of ortft/graph/recompute.py on hand-built graphs (a SwiGLU MLP, an RMS norm feeding an adapter) with
+gradient-like nodes (names ending in _grad), and on a bundle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.recompute import RECOMPUTE_SUFFIX, RecomputeActivations
+from ortft.graph.recompute import RECOMPUTE_SUFFIX, RecomputeActivations, RecomputeNorms
 
 
 def _swiglu_training_like():
@@ -111,8 +112,65 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
 
     plain = prepare_tiny(tiny_llama, tmp_path / "plain", recompute_activations=False)
     recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed")  # the default
-    assert plain["graph_patches"]["recomputed_activations"] == 0
+    assert plain["graph_patches"]["recomputed_activations"] == plain["graph_patches"]["recomputed_norms"] == 0
     assert recomputed["graph_patches"]["recomputed_activations"] == 2 * plain["model"]["num_layers"]  # act, act * up
+    assert recomputed["graph_patches"]["recomputed_norms"] == 2 * plain["model"]["num_layers"]  # both norms of a layer
     batch = batch_for(plain)
     sessions = [TrainingSession(tmp_path / name, threads=1) for name in ("plain", "recomputed")]
     assert_trains_alike(sessions, batch, steps=3, rel=1e-6, rtol=1e-5, atol=1e-7)
+
+
+def _norm_training_like():
+    """h = RMSNorm(x) W + (RMSNorm(x) A) B, with a norm gradient reading x and inv_std and A's gradient reading h_in."""
+    rng = np.random.default_rng(7)
+    weights = {"scale": (8,), "W": (8, 8), "A": (8, 2), "B": (2, 8)}
+    initializers = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in weights.items()]
+    nodes = [
+        helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["normed", "inv_std"], axis=-1, epsilon=1e-5,
+                         stash_type=1, name="input_layernorm"),
+        helper.make_node("MatMul", ["normed", "W"], ["base"], name="base_proj"),
+        helper.make_node("MatMul", ["normed", "A"], ["down"], name="lora_A"),
+        helper.make_node("MatMul", ["down", "B"], ["lora"], name="lora_B"),
+        helper.make_node("Add", ["base", "lora"], ["y"], name="add"),
+        # backward: the norm's gradient reads x and inv_std; A's gradient reads the normed input
+        helper.make_node("MatMul", ["y_grad", "Bt"], ["down_grad"], name="lora_B_Grad/down"),
+        helper.make_node("Gemm", ["normed", "down_grad"], ["A_grad"], transA=1, name="lora_A_Grad/weight"),
+        helper.make_node("Mul", ["x", "inv_std"], ["x_grad"], name="input_layernorm_Grad/x"),
+    ]
+    initializers.append(numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "Bt"))
+    graph = helper.make_graph(
+        nodes, "norm_lora",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8]), helper.make_tensor_value_info("y_grad", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "A_grad", "x_grad")],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_normed_input_of_an_adapter_is_recomputed_from_the_kept_norm_input():
+    """x * inv_std * scale, from the input and inverse standard deviation the norm's gradient keeps."""
+    model = _norm_training_like()
+    before = _session(model).run(None, _feeds())
+    result = RecomputeNorms().call(model)  # (no onnx checker: SimplifiedLayerNormalization is ORT's)
+    assert result.count == 1
+    names = [node.name for node in model.graph.node]
+    by_name = {node.name: node for node in model.graph.node}
+    unscaled, scaled = by_name["input_layernorm_unscaled" + RECOMPUTE_SUFFIX], by_name["input_layernorm" + RECOMPUTE_SUFFIX]
+    assert unscaled.op_type == scaled.op_type == "Mul"
+    assert list(unscaled.input) == ["x", "inv_std"] and list(scaled.input) == [unscaled.output[0], "scale"]
+    assert list(scaled.output) == ["normed" + RECOMPUTE_SUFFIX]
+    assert names.index(unscaled.name) == names.index("input_layernorm") + 1  # at the top: ORT runs it late
+    assert list(by_name["lora_A_Grad/weight"].input) == [scaled.output[0], "down_grad"]
+    assert list(by_name["base_proj"].input)[0] == "normed" and list(by_name["lora_A"].input)[0] == "normed"
+    for got, want in zip(_session(model).run(None, _feeds()), before):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not RecomputeNorms().call(model).modified
+    assert not RecomputeActivations().call(_norm_training_like()).modified  # norms are not activations
+
+
+def test_a_norm_whose_inverse_std_the_backward_does_not_keep_is_left_alone():
+    model = _norm_training_like()
+    for node in model.graph.node:
+        if node.name == "input_layernorm_Grad/x":
+            node.input[1] = "x"  # the backward no longer reads inv_std: recomputing would keep it alive
+    assert not RecomputeNorms().call(model).modified
