@@ -60,7 +60,7 @@ def test_adapters_after_several_steps_match_torch_adamw(bundle, tiny_llama):
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        assert ours == pytest.approx(float(theirs), rel=1e-5)
+        assert ours == pytest.approx(theirs.item(), rel=1e-5)
     named = dict(model.named_parameters())
     for name in values:
         expected = named[name].detach().numpy()
