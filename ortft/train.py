@@ -310,6 +310,9 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         notes.append(f"{stats.num_truncated} training examples were longer than --seq-len {config.seq_len} and were truncated")
     if stats.num_without_labels:
         notes.append(f"{stats.num_without_labels} training examples had no token left to learn from and were dropped")
+    if "update" not in manifest.get("optimizer", {}):
+        notes.append("this bundle's AdamW makes the old transformers.AdamW update (a larger effective epsilon, "
+                     "slower LoRA training than PyTorch's AdamW); run `ortft prepare` again for PyTorch's update")
     for note in notes:
         click.echo(f"note: {note}", err=True)
 

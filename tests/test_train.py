@@ -586,3 +586,20 @@ def test_smollm2_validation_loss_falls_by_a_fifth(smollm2_bundle, tmp_path):
     evaluated = json.loads(ok(run_ortft("eval", out, "--data", ROOT / "data/sft/valid.jsonl", "--seq-len", "256",
                                         "--json", timeout=300)).stdout)
     assert evaluated["loss"] == pytest.approx(after, rel=1e-4)
+
+
+def test_a_bundle_with_the_old_adamw_update_trains_with_a_note(bundle, data, tmp_path):
+    """Bundles made before prepare set PyTorch's AdamW update still train, and say how to get it."""
+    import shutil
+
+    old = tmp_path / "old-bundle"
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["optimizer"]["update"]
+    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    result = run_ortft(*train_cmd(old, data, tmp_path / "run", *FAST, "--steps", "1", valid=False))
+    ok(result)
+    assert "old transformers.AdamW update" in result.stderr and "ortft prepare" in result.stderr
+    result = run_ortft(*train_cmd(bundle, data, tmp_path / "run-new", *FAST, "--steps", "1", valid=False))
+    ok(result)
+    assert "transformers.AdamW" not in result.stderr
