@@ -29,7 +29,8 @@ def summary_lines(manifest: dict) -> list[str]:
         f" dropout={adapter['dropout']:g}{' rslora' if adapter['rslora'] else ''}",
         f"targets      {', '.join(adapter['targets'])}",
         f"layers       {_layer_span(adapter['layers'], model['num_layers'])}",
-        f"optimizer    AdamW weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
+        f"optimizer    AdamW ({manifest['optimizer'].get('update', 'old transformers.AdamW')} update) "
+        f"weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
         f"created      {manifest['created']} with ortft {manifest['versions']['ortft']}, onnxruntime {manifest['versions']['onnxruntime']}",
     ]
     lines.extend(quantization_lines(manifest.get("quantization")))

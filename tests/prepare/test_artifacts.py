@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from ortft.commands.info import summary_lines
 from prepare.helpers import batch_for, prepare_tiny, randomize_adapters, torch_peft_model
 
 WEIGHT_DECAY = 0.1
@@ -29,6 +30,7 @@ def test_optimizer_graph_uses_pytorch_adamw_update(bundle):
     assert attributes["adam_mode"] == 0 and attributes["correct_bias"] == 1
     assert attributes["weight_decay"] == pytest.approx(WEIGHT_DECAY)
     assert manifest["optimizer"]["update"] == "torch.optim.AdamW"
+    assert any(line.startswith("optimizer    AdamW (torch.optim.AdamW update)") for line in summary_lines(manifest))
 
 
 def test_adapters_after_several_steps_match_torch_adamw(bundle, tiny_llama):
