@@ -104,8 +104,8 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    details = [f"family {fields['cpu family']}, model {fields['model']}" if "cpu family" in fields and "model" in fields else None, vector]
-    details = [detail for detail in details if detail]
+    details = [f"family {fields['cpu family']}, model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    details += [vector] if vector else []
     return f"{fields['model name']} ({'; '.join(details)})" if details else fields["model name"]
 
 

@@ -83,6 +83,9 @@ def optimizer_block(weight_decay: float, max_grad_norm: float | None):
     return onnxblock.optim.AdamW(weight_decay=weight_decay, clip_grad=clip)
 
 
+ADAMW_UPDATE = "torch.optim.AdamW"  # the update the optimizer graph makes (manifest optimizer.update)
+
+
 def use_pytorch_adamw_update(path: Path) -> None:
     """Make the optimizer graph's AdamWOptimizer do torch.optim.AdamW's update (ORT's adam_mode 0).
 

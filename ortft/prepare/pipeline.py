@@ -266,7 +266,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                     "max_grad_norm": config.max_grad_norm,
                     "betas": [0.9, 0.999],
                     "eps": 1e-6,
-                    "update": "torch.optim.AdamW",  # ORT's adam_mode 0 (ortft/prepare/artifacts.py)
+                    "update": artifacts.ADAMW_UPDATE,  # ORT's adam_mode 0 (artifacts.use_pytorch_adamw_update)
                 },
                 "trainable": trainable,
                 "frozen": frozen,
