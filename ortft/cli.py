@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "doctor": "doctor",
     "prepare": "prepare",
     "validate": "validate",
+    "upgrade": "upgrade",
     "info": "info",
     "train": "train",
     "eval": "evaluate",
@@ -50,12 +51,12 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ortft")
 def cli() -> None:
-    """Fine-tune language models on edge devices with ONNX Runtime's on-device training.
+    """Fine-tune language models on edge devices with stock ONNX Runtime: no GPU, no PyTorch on the device.
 
     \b
     Host:    ortft prepare MODEL --out BUNDLE      (needs the [prepare] extra: torch, transformers)
     Device:  ortft train BUNDLE --data train.jsonl --out RUN
-             ortft eval / export / generate / validate / info / report
+             ortft eval / export / generate / validate / upgrade / info / report
     """
 
 

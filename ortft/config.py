@@ -92,7 +92,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     threads: int | None = None
-    provider: str = "cpu"
+    provider: str = "auto"  # the best execution provider installed (ortft/providers.py AUTO_ORDER)
     max_eval_batches: int | None = None
     init_adapter: str | None = None  # start from these adapter weights (safetensors, graph names)
     verbose: bool = False

@@ -30,15 +30,15 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
         run_info = runs.read_run(target)
         bundle = Path(run_info["bundle"])
         folder = runs.resolve_checkpoint(target, checkpoint)
-        checkpoint_file = folder / runs.ORT_CHECKPOINT
+        checkpoint_file = folder / runs.ADAPTER_FILE
     else:
         bundle = target
     manifest = require_valid(bundle)
     if runs.is_run_dir(target):
-        from .manifest import manifest_digest
+        from .manifest import bundle_digests
         from .errors import RunError
 
-        if manifest_digest(bundle) != run_info.get("bundle_manifest_sha256"):
+        if run_info.get("bundle_manifest_sha256") not in bundle_digests(bundle):
             raise RunError(f"the bundle {bundle} changed since run {target} was trained", hint="evaluate with the run's own bundle")
     task = manifest["task"]
     if seq_len is None:
@@ -48,7 +48,8 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
     config = DataConfig(seq_len=seq_len, batch_size=batch_size, seed=0, task=task, mask_prompt=mask_prompt,
                         label_names=manifest.get("labels"), shuffle=False)
     dataset = load_dataset(data, tokenizer, config)
-    session = TrainingSession(bundle, checkpoint=checkpoint_file, threads=threads or default_threads(), with_optimizer=False)
+    session = TrainingSession(bundle, parameters=checkpoint_file, threads=threads or default_threads(), with_optimizer=False,
+                              manifest=manifest)
     result = evaluate(session, dataset, config, task, max_batches)
     record = {"loss": result.loss, "tokens": result.tokens, "examples": result.examples,
               "checkpoint": str(checkpoint_file.parent) if checkpoint_file else "bundle"}

@@ -18,7 +18,7 @@ from . import run as runs
 from .run import load_adapter  # noqa: F401  (part of this module's API: export reads adapters)
 from .errors import BundleError, ConfigError, RunError
 from .fsutil import check_output_dir, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
-from .manifest import MANIFEST_NAME, manifest_digest, read_manifest, verify_files
+from .manifest import MANIFEST_NAME, bundle_digests, manifest_digest, read_manifest, verify_files
 
 EXPORT_FORMAT = "ortft-export"
 EXPORT_FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = "latest") -> R
             hint="move the bundle back to that path, or edit run.json to point at it",
         )
     expected_digest = run_info.get("bundle_manifest_sha256")
-    if expected_digest and manifest_digest(bundle_dir) != expected_digest:
+    if expected_digest and expected_digest not in bundle_digests(bundle_dir):
         raise RunError(
             f"the bundle at {bundle_dir} is not the one run {run_dir} was trained on (manifest sha256 differs)",
             hint="point run.json at the original bundle",

@@ -16,7 +16,8 @@ from .fsutil import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "ortft-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: standard-ONNX graphs for stock onnxruntime + initial_adapter.safetensors
+TRAINING_API_FORMAT = 1  # bundles for ORT's deprecated training API (checkpoint, optimizer graph)
 
 
 def list_files(root: Path) -> list[str]:
@@ -47,6 +48,20 @@ def manifest_digest(root: Path) -> str:
     return hashlib.sha256((Path(root) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
+def bundle_digests(root: Path | str) -> set[str]:
+    """Every manifest sha256 this bundle has had: its own, and those of the bundle it was upgraded from
+    (`ortft upgrade`), so runs made before an upgrade still name it."""
+    digests = {manifest_digest(root)}
+    try:
+        manifest = json.loads((Path(root) / MANIFEST_NAME).read_text(encoding="utf-8"))
+        earlier = (manifest.get("upgraded_from") or {}).get("manifest_sha256") if isinstance(manifest, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        earlier = None
+    if isinstance(earlier, str):
+        digests.add(earlier)
+    return digests
+
+
 def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dict:
     """Load and sanity-check manifest.json of a bundle folder, with user errors for what is wrong."""
     root = Path(root)
@@ -69,6 +84,16 @@ def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dic
             hint="upgrade ortft on this device",
         )
     return manifest
+
+
+def require_stock_runtime(root: Path | str, manifest: dict) -> None:
+    """A BundleError for a bundle made for ORT's training API, with the command that upgrades it."""
+    if int(manifest.get("format_version", 0)) <= TRAINING_API_FORMAT:
+        raise BundleError(
+            f"bundle {root} was prepared for ONNX Runtime's deprecated training API (format_version 1); "
+            "ortft now trains on stock onnxruntime",
+            hint=f"run `ortft upgrade {root}` (rewrites its graphs in place, a minute at most), or prepare it again",
+        )
 
 
 def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> list[str]:

@@ -1,6 +1,9 @@
 """Registry of ONNX Runtime execution providers (CPU, CUDA, FPGA/NPU/GPU accelerators) and their hooks.
 
-Turns a user's `--provider NAME[:key=value,...]` into what ORT's training or inference API needs.
+Turns a user's `--provider NAME[:key=value,...]` into ORT's providers list. Training graphs are standard
+ONNX, so every provider may train: ORT places each node on the first provider of the list that can run
+it and the rest on the CPU (`ortft train` reports how many nodes each took). `auto` picks the best one
+installed (`AUTO_ORDER`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ logger = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-# ORT's on-device training API (onnxruntime.training.api.Module) accepts device="cpu" or "cuda[:N]" only.
-TRAINING_CAPABLE_ORT_PROVIDERS = frozenset({CPU_PROVIDER, CUDA_PROVIDER})
+AUTO = "auto"
+# `--provider auto`: the first of these that this onnxruntime build has. GPUs first; OpenVINO on its CPU
+# device beat ORT's own CPU kernels on fp32 MatMul (209 against 160 GFLOP/s on a Zen 4 host), but only
+# the measured training step decides (docs/providers.md), so it comes after CPU until measured faster.
+AUTO_ORDER = ("cuda", "cpu")
 # Python packages may add providers without editing ortft: an entry point in this group names a
 # callable that takes no arguments and calls `register_provider(...)`.
 ENTRY_POINT_GROUP = "ortft.providers"
@@ -76,27 +82,27 @@ def _builtin_specs() -> list[ProviderSpec]:
         ),
         ProviderSpec(
             "cuda", CUDA_PROVIDER, {"device_id": "0"}, True,
-            "NVIDIA GPUs (needs a CUDA build of onnxruntime-training).",
+            "NVIDIA GPUs (the onnxruntime-gpu package).",
             option_help={"device_id": "GPU index", "gpu_mem_limit": "bytes the arena may use"},
         ),
         ProviderSpec(
-            "openvino", "OpenVINOExecutionProvider", {}, False,
-            "Intel CPUs, integrated GPUs and NPUs via OpenVINO (inference only).",
+            "openvino", "OpenVINOExecutionProvider", {}, True,
+            "Intel (and other x86) CPUs, integrated GPUs and NPUs via OpenVINO (onnxruntime-openvino).",
             option_help={"device_type": "CPU, GPU or NPU", "precision": "FP32, FP16 or ACCURACY"},
         ),
         ProviderSpec(
-            "directml", "DmlExecutionProvider", {"device_id": "0"}, False,
-            "Any DirectX 12 GPU on Windows (inference only).",
+            "directml", "DmlExecutionProvider", {"device_id": "0"}, True,
+            "Any DirectX 12 GPU on Windows (onnxruntime-directml).",
             option_help={"device_id": "adapter index"},
         ),
         ProviderSpec(
-            "qnn", "QNNExecutionProvider", {"backend_path": _qnn_backend_library()}, False,
-            "Qualcomm Hexagon NPUs via the QNN SDK (inference only; quantized models work best).",
+            "qnn", "QNNExecutionProvider", {"backend_path": _qnn_backend_library()}, True,
+            "Qualcomm Hexagon NPUs via the QNN SDK (onnxruntime-qnn; quantized models work best).",
             option_help={"backend_path": "QNN backend library (QnnHtp for the NPU, QnnCpu for CPU)"},
         ),
         ProviderSpec(
-            "vitisai", "VitisAIExecutionProvider", {}, False,
-            "AMD/Xilinx FPGAs and Ryzen AI NPUs via Vitis AI (inference only).",
+            "vitisai", "VitisAIExecutionProvider", {}, True,
+            "AMD/Xilinx FPGAs and Ryzen AI NPUs via Vitis AI.",
             required_options=("config_file",),
             option_help={
                 "config_file": "path to the Vitis AI configuration (vaip_config.json)",
@@ -105,17 +111,17 @@ def _builtin_specs() -> list[ProviderSpec]:
             },
         ),
         ProviderSpec(
-            "tensorrt", "TensorrtExecutionProvider", {"device_id": "0"}, False,
-            "NVIDIA GPUs via TensorRT (inference only).",
+            "tensorrt", "TensorrtExecutionProvider", {"device_id": "0"}, True,
+            "NVIDIA GPUs via TensorRT.",
             option_help={"device_id": "GPU index", "trt_fp16_enable": "True to build FP16 engines"},
         ),
         ProviderSpec(
-            "coreml", "CoreMLExecutionProvider", {}, False,
-            "Apple Neural Engine and GPUs via Core ML (inference only).",
+            "coreml", "CoreMLExecutionProvider", {}, True,
+            "Apple Neural Engine and GPUs via Core ML.",
         ),
         ProviderSpec(
-            "rocm", "ROCMExecutionProvider", {"device_id": "0"}, False,
-            "AMD GPUs via ROCm (inference only in ortft: ORT's training API takes CPU or CUDA).",
+            "rocm", "ROCMExecutionProvider", {"device_id": "0"}, True,
+            "AMD GPUs via ROCm.",
             option_help={"device_id": "GPU index"},
         ),
     ]
@@ -160,7 +166,7 @@ def register_provider(
     ort_name: str,
     *,
     default_options: Mapping[str, str] | None = None,
-    can_train: bool = False,
+    can_train: bool = True,
     description: str = "",
     required_options: Iterable[str] = (),
     option_help: Mapping[str, str] | None = None,
@@ -168,19 +174,14 @@ def register_provider(
 ) -> ProviderSpec:
     """Add (or with `replace`, override) a provider so `--provider SHORT_NAME` works everywhere.
 
-    `ort_name` is the name ORT reports in `onnxruntime.get_available_providers()`. `can_train` may
-    be True only for CPU or CUDA providers, the only devices ORT's training API accepts.
-    Raises ValueError for a malformed name, a duplicate without `replace`, or an impossible `can_train`.
+    `ort_name` is the name ORT reports in `onnxruntime.get_available_providers()`. `can_train` False
+    keeps a provider to inference (e.g. one whose kernels are known to be wrong for training graphs).
+    Raises ValueError for a malformed name or a duplicate without `replace`.
     """
     if not _SHORT_NAME_PATTERN.match(short_name):
         raise ValueError(f"provider short name {short_name!r} must be lowercase letters, digits, '-' or '_'")
     if not ort_name:
         raise ValueError("ort_name must be the provider name ORT reports, e.g. 'VitisAIExecutionProvider'")
-    if can_train and ort_name not in TRAINING_CAPABLE_ORT_PROVIDERS:
-        raise ValueError(
-            f"{ort_name} cannot train: ORT's training API runs on "
-            f"{' and '.join(sorted(TRAINING_CAPABLE_ORT_PROVIDERS))} only"
-        )
     spec = ProviderSpec(
         short_name=short_name,
         ort_name=ort_name,
@@ -283,7 +284,7 @@ def lookup(name: str) -> ProviderSpec:
         if candidate.ort_name.lower() == name.lower():
             return candidate
     if name in _ort_provider_names():
-        return ProviderSpec(name, name, {}, name in TRAINING_CAPABLE_ORT_PROVIDERS, "reported by onnxruntime")
+        return ProviderSpec(name, name, {}, True, "reported by onnxruntime")
     raise ProviderError(
         f"unknown execution provider {name!r}; known: {_known_text()}; available in this onnxruntime "
         f"build: {_available_text()}",
@@ -305,21 +306,28 @@ def _is_available(spec: ProviderSpec) -> bool:
     return spec.ort_name in _ort_provider_names()
 
 
-def resolve_for_training(name: str | ProviderRequest, options: Mapping[str, str] | None = None) -> ProviderList:
-    """The (ORT provider name, options) list for ORT's training API; ProviderError if it cannot train here.
+def auto_provider() -> str:
+    """The short name `--provider auto` stands for here: the first of AUTO_ORDER this build has."""
+    for short_name in AUTO_ORDER:
+        if _is_available(_registry.table()[short_name]):
+            return short_name
+    return "cpu"
 
-    Refuses a provider that is unknown, cannot train (anything but CPU and CUDA), lacks a required
-    option, or is not in this onnxruntime build; the message lists what is available. A CUDA list
-    ends with CPU, which runs the few ops CUDA lacks.
+
+def resolve_for_training(name: str | ProviderRequest, options: Mapping[str, str] | None = None) -> ProviderList:
+    """The (ORT provider name, options) list a training session uses; ProviderError if it cannot train here.
+
+    Refuses a provider that is unknown, marked inference-only, lacks a required option, or is not in this
+    onnxruntime build; the message lists what is available. An accelerator's list ends with CPU, which
+    runs the nodes it cannot. `auto` is `auto_provider()`.
     """
     request = _as_request(name, options)
+    if request.name.lower() == AUTO:
+        request = ProviderRequest(auto_provider(), request.options)
     spec = lookup(request.name)
     if not spec.can_train:
-        trainable = [short for short, entry in _registry.table().items() if entry.can_train]
         raise ProviderError(
-            f"execution provider {spec.short_name!r} ({spec.ort_name}) cannot train: ORT's on-device training "
-            f"API runs on CPU and CUDA only; training providers: {', '.join(trainable)}; available in this "
-            f"onnxruntime build: {_available_text()}",
+            f"execution provider {spec.short_name!r} ({spec.ort_name}) is registered as inference-only",
             hint=f"train with --provider cpu, then use --provider {spec.short_name} for eval/export/generate",
         )
     merged = spec.options_with(request.options)
@@ -328,7 +336,7 @@ def resolve_for_training(name: str | ProviderRequest, options: Mapping[str, str]
         raise ProviderError(
             f"execution provider {spec.short_name!r} ({spec.ort_name}) is not available in this onnxruntime "
             f"build; available: {_available_text()}",
-            hint="use --provider cpu, or install an onnxruntime-training build that includes it",
+            hint="use --provider cpu, or install the onnxruntime package that brings it (docs/providers.md)",
         )
     providers: ProviderList = [(spec.ort_name, merged)]
     if spec.ort_name != CPU_PROVIDER:
@@ -336,12 +344,11 @@ def resolve_for_training(name: str | ProviderRequest, options: Mapping[str, str]
     return providers
 
 
-def training_device(name: str | ProviderRequest, options: Mapping[str, str] | None = None) -> str:
-    """The `device` string for `onnxruntime.training.api.Module`: "cpu" or "cuda:N"."""
-    ort_name, ort_options = resolve_for_training(name, options)[0]
-    if ort_name == CUDA_PROVIDER:
-        return f"cuda:{ort_options.get('device_id', '0')}"
-    return "cpu"
+def describe_providers(providers: ProviderList) -> str:
+    """`cpu`, or e.g. `openvino (+ cpu)`: the short names of a providers list, for logs and run files."""
+    by_ort_name = {spec.ort_name: spec.short_name for spec in _registry.table().values()}
+    names = [by_ort_name.get(ort_name, ort_name) for ort_name, _options in providers]
+    return names[0] + (f" (+ {', '.join(names[1:])})" if len(names) > 1 else "")
 
 
 def resolve_for_inference(name: str | ProviderRequest, options: Mapping[str, str] | None = None) -> ProviderList:
@@ -352,6 +359,8 @@ def resolve_for_inference(name: str | ProviderRequest, options: Mapping[str, str
     a missing required option is a ProviderError (a typo should not silently run on CPU).
     """
     request = _as_request(name, options)
+    if request.name.lower() == AUTO:
+        request = ProviderRequest(auto_provider(), request.options)
     spec = lookup(request.name)
     merged = spec.options_with(request.options)
     _check_required_options(spec, merged)

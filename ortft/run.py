@@ -3,11 +3,14 @@
 RUN/run.json            which bundle (path + manifest sha256) and data the run trains on
 RUN/config.json         the full resolved training configuration
 RUN/metrics.jsonl       one JSON object per line (training and evaluation records)
-RUN/checkpoints/step-NNNNNNNN/{checkpoint, adapter.safetensors, trainer_state.json}
+RUN/checkpoints/step-NNNNNNNN/{adapter.safetensors, optimizer.safetensors, trainer_state.json}
 RUN/best.json           {"checkpoint": "checkpoints/step-...", "step", "eval_loss"} once an eval ran
 RUN/adapter.safetensors the newest adapter weights (graph names -> float32 arrays)
 A checkpoint folder is written under a temporary name and renamed when complete; trainer_state.json
-records the sha256 of the other two files, so a damaged checkpoint is detected and skipped.
+records the sha256 of the other files, so a damaged checkpoint is detected and skipped. The adapter
+holds the trainable tensors by graph name; optimizer.safetensors AdamW's moments (`exp_avg/NAME`,
+`exp_avg_sq/NAME`) with its step count in the metadata. Runs made for ORT's training API have an ORT
+`checkpoint` file instead of optimizer.safetensors: `read_optimizer_state` converts it when read.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.json"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.json"
-ORT_CHECKPOINT = "checkpoint"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ORT_CHECKPOINT = "checkpoint"  # runs made for ORT's training API (read by ortft/legacy_checkpoint.py)
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -57,19 +61,44 @@ def load_adapter(path: Path | str) -> dict[str, np.ndarray]:
         raise RunError(f"adapter weights {path} are not a readable safetensors file ({exc})", hint="the file is damaged; pick another checkpoint") from exc
 
 
-def write_checkpoint(run_dir: Path, step: int, save_ort_checkpoint, adapter: dict[str, np.ndarray], state: dict) -> Path:
-    """Write checkpoints/step-N atomically: ORT checkpoint, adapter, then trainer_state with their hashes."""
+def optimizer_bytes(state: dict[str, np.ndarray], step: int) -> bytes:
+    return adapter_bytes(state, {"step": str(int(step)), "optimizer": "adamw"})
+
+
+def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, np.ndarray], state: dict,
+                     optimizer_state: dict[str, np.ndarray] | None = None, optimizer_step: int = 0) -> Path:
+    """Write checkpoints/step-N atomically: adapter, optimizer state, then trainer_state with their hashes."""
     final = run_dir / CHECKPOINTS / step_dir_name(step)
     with staged_dir(final, force=True) as tmp:
-        save_ort_checkpoint(tmp / ORT_CHECKPOINT)
         (tmp / ADAPTER_FILE).write_bytes(adapter_bytes(adapter, {"step": str(step)}))
+        if optimizer_state:
+            (tmp / OPTIMIZER_FILE).write_bytes(optimizer_bytes(optimizer_state, optimizer_step))
         state = dict(state)
-        # ORT puts tensors of large models in checkpoint.data beside checkpoint: hash whatever it wrote.
-        written = sorted(path.name for path in tmp.iterdir() if path.name.startswith(ORT_CHECKPOINT))
-        state["files"] = {name: sha256_file(tmp / name) for name in [*written, ADAPTER_FILE]}
+        written = sorted(path.name for path in tmp.iterdir())
+        state["files"] = {name: sha256_file(tmp / name) for name in written}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
     write_bytes_atomic(run_dir / ADAPTER_FILE, (final / ADAPTER_FILE).read_bytes())
     return final
+
+
+def read_optimizer_state(folder: Path) -> tuple[dict[str, np.ndarray], int] | None:
+    """AdamW's moments and step count saved in a checkpoint folder (converted from an ORT checkpoint of
+    a run made for the training API); None when the checkpoint holds none."""
+    from safetensors import safe_open
+
+    path = folder / OPTIMIZER_FILE
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                step = int((handle.metadata() or {}).get("step", "0"))
+                return {key: handle.get_tensor(key) for key in handle.keys()}, step
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise RunError(f"optimizer state {path} is not readable ({exc})", hint="resume from another checkpoint") from exc
+    if (folder / ORT_CHECKPOINT).is_file():
+        from .legacy_checkpoint import read_ort_checkpoint
+
+        return read_ort_checkpoint(folder / ORT_CHECKPOINT).optimizer_state()
+    return None
 
 
 def checkpoint_problem(folder: Path) -> str | None:

@@ -1,64 +1,53 @@
-"""The one module that touches onnxruntime's training API, imported without torch.
+"""The one place that creates onnxruntime sessions: the training step, evaluation and their settings.
 
-`import onnxruntime.training.api` runs `onnxruntime/training/__init__.py`, which imports the
-`optim` subpackage, which imports torch; on a device without torch that import fails. We register a
-bare namespace module for `onnxruntime.training` whose `__path__` is the real folder, so Python
-finds `onnxruntime.training.api` (Module, Optimizer, CheckpointState) without running that
-`__init__`. With torch installed the real package would also work, but costs ~1.4 s to import.
+ortft trains on stock onnxruntime. The bundle's training graph is standard ONNX (prepare lowered
+every training-only op, ortft/graph/lower_training_ops.py): its inputs are the batch and the trainable
+tensors, its outputs the loss and one `NAME_grad` per trainable tensor. `TrainingSession` runs it
+as a plain InferenceSession with the parameters and gradients bound as OrtValues over numpy buffers
+(no per-step copies), sums gradients over micro-batches and makes the optimizer step itself
+(ortft/optimizer.py: PyTorch's AdamW). Evaluation runs the eval graph with the same parameter buffers.
+The frozen weights are initializers in frozen_weights.data (and quantized_weights.data), which both
+sessions map.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import logging
 import os
-import sys
-import types
-from functools import lru_cache
+from pathlib import Path
 
-from .fsutil import native_write_errors
+import numpy as np
+
 from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
+log = logging.getLogger(__name__)
 
-def _register_torch_free_training_package() -> None:
-    """Make `onnxruntime.training` a bare namespace package before onnxruntime is first imported.
-
-    `import onnxruntime` itself probes `onnxruntime.training.ortmodule` (in capi/onnxruntime_validation),
-    which imports torch wherever torch is installed. Registering the namespace first, and marking
-    `ortmodule` (the PyTorch front end we never use) as absent, keeps torch out of the process.
-    """
-    if "onnxruntime.training" in sys.modules:
-        return
-    spec = importlib.util.find_spec("onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
-    training_dir = os.path.join(list(spec.submodule_search_locations)[0], "training")
-    if not os.path.isdir(os.path.join(training_dir, "api")):
-        raise ImportError(
-            "onnxruntime has no training API: install onnxruntime-training-cpu==1.19.2 "
-            "(and not plain onnxruntime, which conflicts with it)"
-        )
-    namespace = types.ModuleType("onnxruntime.training")
-    namespace.__path__ = [training_dir]
-    namespace.__package__ = "onnxruntime.training"
-    sys.modules["onnxruntime.training"] = namespace
-    sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # None: "import fails", as without torch
+QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
+FROZEN_DATA = "frozen_weights.data"  # the frozen float weights, initializers of both graphs
+TRAINING_GRAPH = "training_model.onnx"
+EVAL_GRAPH = "eval_model.onnx"
+INITIAL_ADAPTER = "initial_adapter.safetensors"  # the trainable tensors' starting values
+GRAD_SUFFIX = "_grad"  # the training graph's output for trainable tensor NAME is NAME_grad
 
 
-def onnxruntime_module() -> types.ModuleType:
-    """`import onnxruntime`, without letting it import torch. Device code imports ORT only through here."""
-    if "onnxruntime" not in sys.modules:
-        _register_torch_free_training_package()
+def onnxruntime_module():
+    """`import onnxruntime`: device code imports ORT only through here (one place to change)."""
     import onnxruntime
 
     return onnxruntime
 
 
-@lru_cache(maxsize=1)
-def training_api() -> types.ModuleType:
-    """Return `onnxruntime.training.api` (Module, Optimizer, CheckpointState), loaded without torch."""
-    onnxruntime_module()
-    return importlib.import_module("onnxruntime.training.api")
+def onnxruntime_distribution() -> tuple[str, str] | None:
+    """(package name, version) of the installed distribution that provides the module `onnxruntime`."""
+    import importlib.metadata as metadata
+
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn",
+                 "onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime-rocm", "onnxruntime-cann"):
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def set_log_level(verbose: bool) -> None:
@@ -88,14 +77,10 @@ def use_shared_arena(options) -> None:
     ORT's arena hands out chunks of the regions it has taken from the system and never returns them;
     free neighbours in one region merge, chunks of different regions cannot. Growing by exactly the
     request (kSameAsRequested) gives each new size a region of its own, so batches of changing shapes
-    kept adding regions: SmolLM2-135M on the chat data with `--batch-tokens 1024` (a new [rows, length]
-    every step) climbed from 2106 MB after the first step to 2884 MB after the eighth (2398 MB at a
-    fixed 4 x 256). Doubling regions (kNextPowerOfTwo, ORT's default, capped at 1 GiB per region) are
-    few and large, so freed chunks merge: 2336 MB at 4 x 256 and 2162 MB on the chat data, the same step
-    time (5 alternating pairs of fresh processes). A region's untouched pages are not resident, so the
-    rounding up costs address space, not memory. (This used to be the exact-size arena: with ORT's
-    planned buffer reuse on, doubling regions held ~0.8 GB more; `free_tensors_at_last_use` changed that.)
-    The allocator is registered once per process.
+    kept adding regions (SmolLM2-135M, chat data, `--batch-tokens 1024`: 2106 -> 2884 MB over eight
+    steps). Doubling regions (kNextPowerOfTwo, capped at 1 GiB per region) are few and large, so freed
+    chunks merge (2162 MB, the same step time). A region's untouched pages are not resident, so the
+    rounding up costs address space, not memory. The allocator is registered once per process.
     """
     global _ENV_ARENA_REGISTERED
     ort = onnxruntime_module()
@@ -106,19 +91,13 @@ def use_shared_arena(options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
-FROZEN_DATA = "frozen_weights.data"  # the frozen float weights, initializers of both graphs (not in the checkpoint)
-
-
 def keep_dequantize_separate(options) -> None:
     """Session graph optimisation up to level 1 only, for bundles with quantized frozen weights.
 
     At level 2 ORT fuses each int4 DequantizeLinear + MatMul of the forward pass into MatMulNBits,
     which repacks the weight into a new initializer (a second copy per session, beside the original the
-    backward's DequantizeLinear still reads) and, by default, runs with int8 activations. Measured on a
-    random 1.1B Llama, int4 with embeddings, 1 x 128: peak RSS 3.93 -> 3.13 GB, PSS 3.89 -> 2.47 GB, the
-    same step time (5.9 s). The training graphs already carry ORT's training fusions (FusedMatMul,
-    QuickGelu, SimplifiedLayerNormalization) from artifact generation.
+    backward's DequantizeLinear still reads) and runs with int8 activations. Random 1.1B Llama, int4 with
+    embeddings, 1 x 128: peak RSS 3.93 -> 3.13 GB, the same step time.
     """
     ort = onnxruntime_module()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -129,110 +108,235 @@ def free_tensors_at_last_use(options) -> None:
 
     With reuse on, ORT's allocation planner reserves a freed tensor's buffer for a later tensor of the
     same size; in a training graph that later tensor is often in the backward pass, so forward
-    temporaries' buffers stay held through the whole forward pass. Measured on SmolLM2-135M, LoRA r=16
-    all linear layers, 4 x 256: ORT held 2.1-2.4x the live set that tensor lifetimes give, at every
-    optimisation level and execution order; without reuse, peak RSS 4299 -> 2897 MB, step time
-    unchanged (5.95 -> 5.78 s). ORTModule turns it off for the same reason (onnxruntime PR #7359).
+    temporaries' buffers stay held through the whole forward pass (SmolLM2-135M at 4 x 256: peak RSS
+    4299 -> 2897 MB without reuse, the same step time). ORTModule turns it off for the same reason.
     """
     options.enable_mem_reuse = False
+
+
+def training_memory_settings(options) -> None:
+    """What a training graph needs of a stock InferenceSession besides `free_tensors_at_last_use`.
+
+    - No memory pattern: the planner's pattern pre-allocates one block for a whole run's tensors,
+      sized by the first batch shape, and keeps it.
+    - No pre-packing: MLAS packs every constant MatMul weight into a second, tiled copy at load time
+      (the frozen weights twice in memory); the training API never pre-packed.
+    - Priority-based execution order: the order ORT's training build used for the backward graph.
+    """
+    ort = onnxruntime_module()
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
 
 
 def without_arena(options) -> None:
     """No CPU memory arena, for bundles with quantized frozen weights: freed tensors go back to the system.
 
-    Both the training and the eval session map quantized_weights.data. With an arena the memory of the
-    last training step stays held, so evaluating mapped the file a second time on top of it: random
-    1.1B Llama, int4 with embeddings, 1 x 128, peak RSS 3123 MB with the arena, 2419 MB without, the same
-    step time (7.7 s over 5 steps either way). Float32 bundles keep the arena (`use_shared_arena`):
-    there it saves ~30% of step time on SmolLM2 at 4 x 256.
+    Both sessions map quantized_weights.data; with an arena the memory of the last training step stays
+    held while evaluation maps the file again (random 1.1B Llama, int4 with embeddings, 1 x 128: peak
+    RSS 3123 -> 2419 MB, the same step time). Float32 bundles keep the shared arena, ~30% faster there.
     """
     options.enable_cpu_mem_arena = False
 
 
-class TrainingSession:
-    """ORT's Module + Optimizer + CheckpointState over one bundle (or a run's checkpoint of it).
+def load_parameters(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The trainable tensors from a safetensors file, as float32 arrays keyed by graph name."""
+    from .run import load_adapter
 
-    `checkpoint` defaults to the bundle's own; `device` is "cpu" or "cuda[:N]" (ORT's training API
-    trains on those only; see ortft/providers.py).
+    arrays = load_adapter(path)
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        from .errors import RunError
+
+        raise RunError(f"{path} lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
+                       hint="use adapter weights made for this bundle")
+    return {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in names}
+
+
+def node_placement(session_path: str, options, providers, feeds_for_profile) -> dict[str, int]:
+    """How many nodes each execution provider ran, from one profiled run of a fresh session."""
+    import json
+    import tempfile
+
+    ort = onnxruntime_module()
+    with tempfile.TemporaryDirectory(prefix="ortft-profile-") as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        session = ort.InferenceSession(session_path, options, providers=providers)
+        session.run(None, feeds_for_profile)
+        profile = session.end_profiling()
+        events = json.loads(Path(profile).read_text(encoding="utf-8"))
+    counts: dict[str, set] = {}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and "provider" in args:
+            counts.setdefault(args["provider"], set()).add(args.get("node_index", event.get("name")))
+    return {provider: len(nodes) for provider, nodes in counts.items()}
+
+
+class TrainingSession:
+    """The training and eval graphs of a bundle over one set of trainable tensors, and their optimizer.
+
+    `parameters` (a safetensors file, or None for the bundle's initial adapter) gives the starting
+    values. `providers` is ORT's providers list ([(name, options), ...]; CPU when None): ORT places
+    each node on the first provider that can run it. `with_optimizer=False` skips AdamW's state.
     """
 
-    def __init__(self, bundle_dir, checkpoint=None, device: str = "cpu", threads: int | None = None,
-                 verbose: bool = False, with_optimizer: bool = True):
-        from pathlib import Path
+    def __init__(self, bundle_dir, parameters=None, providers=None, threads: int | None = None,
+                 verbose: bool = False, with_optimizer: bool = True, manifest: dict | None = None):
+        from .manifest import read_manifest
+        from .optimizer import AdamW, AdamWSettings, FlatTensors
 
-        api = training_api()
+        ort = onnxruntime_module()
         set_log_level(verbose)
-        bundle_dir = Path(bundle_dir)
-        self.bundle_dir = bundle_dir
-        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else bundle_dir / "checkpoint"
-        self.state = api.CheckpointState.load_checkpoint(str(self.checkpoint_path))
-        options = session_options(threads, verbose)
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
+        self.trainable = [entry["name"] for entry in self.manifest["trainable"]]
+        source = Path(parameters) if parameters is not None else self.bundle_dir / INITIAL_ADAPTER
+        initial = load_parameters(source, self.trainable)
+        self.params = FlatTensors({name: initial[name].shape for name in self.trainable})
+        self.params.assign(initial)
+        del initial
+        self.grads = FlatTensors(self.params.shapes)
+        self._micro_grads = FlatTensors(self.params.shapes)  # the second and later micro-batches' gradients
+        self.micro_batches = 0
+        self.optimizer = AdamW(self.params, AdamWSettings.from_manifest(self.manifest.get("optimizer", {}))) \
+            if with_optimizer else None
+        self.providers = providers or [("CPUExecutionProvider", {})]
+        self.threads = threads
+        self.verbose = verbose
+        self.quantized = (self.bundle_dir / QUANTIZED_DATA).exists()
+        self._ort = ort
+        self._train_session = None
+        self._eval_session = None
+        self.last_grad_norm = None
+
+    # sessions --------------------------------------------------------------------------------
+    def _options(self):
+        options = session_options(self.threads, self.verbose)
         free_tensors_at_last_use(options)
-        self.quantized = (bundle_dir / QUANTIZED_DATA).exists()
+        training_memory_settings(options)
         if self.quantized:
             keep_dequantize_separate(options)
             without_arena(options)
-        elif device == "cpu":
+        elif self.providers[0][0] == "CPUExecutionProvider":
             use_shared_arena(options)
             reuse_large_blocks()
-        self.module = api.Module(
-            str(bundle_dir / "training_model.onnx"),
-            self.state,
-            str(bundle_dir / "eval_model.onnx"),
-            device=device,
-            session_options=options,
-        )
-        self.optimizer = api.Optimizer(str(bundle_dir / "optimizer_model.onnx"), self.module) if with_optimizer else None
-        self._api = api
+        return options
+
+    def _session(self, graph: str):
+        from .errors import BundleError
+
+        try:
+            return self._ort.InferenceSession(str(self.bundle_dir / graph), self._options(), providers=self.providers)
+        except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeError for graphs it cannot load
+            first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else exc.__class__.__name__
+            raise BundleError(f"onnxruntime cannot load {self.bundle_dir / graph}: {first}",
+                              hint="`ortft validate` the bundle; a bundle prepared before ortft ran on stock "
+                                   "onnxruntime needs `ortft upgrade BUNDLE` (or prepare again)") from exc
+
+    @property
+    def train_session(self):
+        if self._train_session is None:
+            self._train_session = self._session(TRAINING_GRAPH)
+        return self._train_session
+
+    @property
+    def eval_session(self):
+        if self._eval_session is None:
+            self._eval_session = self._session(EVAL_GRAPH)
+        return self._eval_session
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.module.input_names())
+        return [value.name for value in self.train_session.get_inputs() if value.name not in self.params.views]
 
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.module.output_names())
+    def _bind(self, session, batch: dict, grads):
+        ort = self._ort
+        binding = session.io_binding()
+        graph_inputs = {value.name for value in session.get_inputs()}
+        for name, view in self.params.views.items():
+            if name in graph_inputs:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(view))
+        for name in graph_inputs:
+            if name not in self.params.views:
+                binding.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
+        output_names = [value.name for value in session.get_outputs()]
+        for name in output_names:
+            if grads is not None and name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] in grads.views:
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(grads[name[:-len(GRAD_SUFFIX)]]))
+            else:
+                binding.bind_output(name)
+        return binding, output_names
 
-    def _feed(self, batch: dict):
-        return [batch[name] for name in self.input_names]
+    def _run(self, session, batch: dict, grads):
+        binding, output_names = self._bind(session, batch, grads)
+        session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return [values[i].numpy() for i, name in enumerate(output_names) if not name.endswith(GRAD_SUFFIX)]
 
+    # training --------------------------------------------------------------------------------
     def train_step_forward_backward(self, batch: dict):
-        """Forward and backward on one micro-batch (gradients accumulate until reset); returns outputs."""
-        self.module.train()
-        return self.module(*self._feed(batch))
+        """Forward and backward on one micro-batch; gradients are summed until `optimizer_step`.
+        Returns the graph's non-gradient outputs (loss first)."""
+        target = self.grads if self.micro_batches == 0 else self._micro_grads
+        outputs = self._run(self.train_session, batch, target)
+        if self.micro_batches:
+            self.grads.flat += self._micro_grads.flat
+        self.micro_batches += 1
+        return outputs
 
     def optimizer_step(self, learning_rate: float) -> None:
-        self.optimizer.set_learning_rate(float(learning_rate))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        """AdamW on the summed gradients (nothing happens if no micro-batch ran), then reset them."""
+        if self.micro_batches == 0:
+            return
+        self.last_grad_norm = self.optimizer.step(self.grads.flat, float(learning_rate))
+        self.micro_batches = 0
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The gradients summed since the last optimizer step (copies)."""
+        return self.grads.to_dict()
 
     def evaluate(self, batch: dict):
-        self.module.eval()
-        return self.module(*self._feed(batch))
+        return self._run(self.eval_session, batch, None)
 
     def release_idle_memory(self) -> None:
         """Call before and after an evaluation pass: gives back freed heap (malloc_trim) and the pages of
         frozen_weights.data and quantized_weights.data either session mapped. Otherwise the eval session's
-        pages stay counted on top of the next training step's peak (1.1B int4: ~0.6 GB of RSS; SmolLM2
-        float, 6 steps with 3 evaluations: 1953 -> 1380 MB); dropped pages read back from the page cache
-        (`ortft/memory.py`)."""
+        pages stay counted on top of the next training step's peak (SmolLM2 float, 6 steps with 3
+        evaluations: 1953 -> 1380 MB); dropped pages read back from the page cache (`ortft/memory.py`)."""
         release_freed_memory()
         for data_file in (QUANTIZED_DATA, FROZEN_DATA):
             if (self.bundle_dir / data_file).exists():
                 drop_mapped_pages(self.bundle_dir / data_file)
 
-    def parameter(self, name: str):
-        return self.state.parameters[name].data
+    # parameters ------------------------------------------------------------------------------
+    def parameter(self, name: str) -> np.ndarray:
+        return self.params[name]
 
     def set_parameter(self, name: str, value) -> None:
-        self.state.parameters[name] = value
+        self.params[name][...] = np.asarray(value, dtype=np.float32)
 
     def parameter_names(self) -> list[str]:
-        return [name for name, _parameter in self.state.parameters]
+        return list(self.trainable)
 
     def trainable_names(self) -> list[str]:
-        return [name for name, parameter in self.state.parameters if parameter.requires_grad]
+        return list(self.trainable)
 
-    def save(self, path, include_optimizer_state: bool = True) -> None:
-        with native_write_errors():  # a full disk is an OSError, not ORT's RuntimeError
-            self._api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=include_optimizer_state)
+    def adapter(self) -> dict[str, np.ndarray]:
+        return self.params.to_dict()
+
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], int]:
+        """AdamW's moments by name and its step count (empty without an optimizer)."""
+        if self.optimizer is None:
+            return {}, 0
+        return self.optimizer.state_dict(), self.optimizer.step_count
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None:
+        self.optimizer.load_state_dict(state, step)
+
+    def placement(self, batch: dict) -> dict[str, int]:
+        """Nodes per execution provider of the training graph, from one profiled run (a separate session)."""
+        feeds = {name: np.ascontiguousarray(batch[name]) for name in self.input_names}
+        feeds.update(self.params.to_dict(copy=False))
+        return node_placement(str(self.bundle_dir / TRAINING_GRAPH), self._options(), self.providers, feeds)

@@ -1,7 +1,8 @@
 """The device-side training loop over a bundle: schedule, accumulation, evaluation, checkpoints, resume.
 
-`train(TrainConfig) -> dict` (the final summary). Gradients of `grad_accum` micro-batches are summed
-by ORT before one AdamW step; AdamW is invariant to a gradient's scale, so this matches averaging
+`train(TrainConfig) -> dict` (the final summary). Stock onnxruntime computes each micro-batch's loss
+and gradients (ortft/runtime.py); the gradients of `grad_accum` micro-batches are summed before one
+AdamW step (ortft/optimizer.py); AdamW is invariant to a gradient's scale, so this matches averaging
 except for the clipping threshold, which applies to the sum. SIGINT/SIGTERM finish the current step,
 save a checkpoint and stop; a NaN or infinite loss stops before the optimizer step and never
 overwrites a good checkpoint.
@@ -29,7 +30,8 @@ from .config import TrainConfig
 from .data import BatchIterator, DataConfig, LoaderPosition, iter_eval_batches, load_train_and_valid
 from .errors import ConfigError, RunError, TrainingDivergedError
 from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
-from .manifest import manifest_digest
+from .manifest import bundle_digests, manifest_digest
+from .optimizer import ADAMW_UPDATE
 from .schedule import learning_rate
 from .threads import default_threads
 from .validate import require_valid
@@ -199,7 +201,7 @@ def _resume_state(config: TrainConfig, run_dir: Path, bundle_digest: str, data_s
     if not config.resume:
         return None, None
     run_info = runs.read_run(run_dir)
-    if run_info.get("bundle_manifest_sha256") != bundle_digest:
+    if run_info.get("bundle_manifest_sha256") not in bundle_digests(Path(config.bundle)):
         raise RunError(
             f"the bundle changed since run {run_dir} began (manifest sha256 differs)",
             hint="resume with the same bundle, or start a new run with another --out",
@@ -254,7 +256,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     `on_step(session, step, lr)`, if given, runs after every optimizer step (federated FedProx uses it
     for its proximal pull towards the global adapter).
     """
-    from .providers import training_device
+    from .providers import describe_providers, resolve_for_training
     from .runtime import TrainingSession
     from .tokenizer import load_tokenizer
 
@@ -271,7 +273,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     max_len = int(manifest["model"]["max_seq_len"])
     if config.seq_len > max_len:
         raise ConfigError(f"--seq-len {config.seq_len} exceeds the bundle's max_seq_len {max_len}", hint=f"use at most {max_len}")
-    device = training_device(config.provider)
+    providers = resolve_for_training(config.provider)
+    device = describe_providers(providers)
     threads = config.threads or default_threads()
 
     tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
@@ -310,14 +313,20 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         notes.append(f"{stats.num_truncated} training examples were longer than --seq-len {config.seq_len} and were truncated")
     if stats.num_without_labels:
         notes.append(f"{stats.num_without_labels} training examples had no token left to learn from and were dropped")
-    if "update" not in manifest.get("optimizer", {}):
-        notes.append("this bundle's AdamW makes the old transformers.AdamW update (a larger effective epsilon, "
-                     "slower LoRA training than PyTorch's AdamW); run `ortft prepare` again for PyTorch's update")
+    if manifest.get("optimizer", {}).get("update") != ADAMW_UPDATE:
+        notes.append("this bundle was prepared with the old transformers.AdamW update; ortft now always makes "
+                     "PyTorch's AdamW update (its losses differ from runs made before)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
 
-    session = TrainingSession(bundle, checkpoint=(resume_folder / runs.ORT_CHECKPOINT) if resume_folder else None,
-                              device=device, threads=threads, verbose=config.verbose)
+    session = TrainingSession(bundle, parameters=(resume_folder / runs.ADAPTER_FILE) if resume_folder else None,
+                              providers=providers, threads=threads, verbose=config.verbose, manifest=manifest)
+    if resume_folder:
+        saved_optimizer = runs.read_optimizer_state(resume_folder)
+        if saved_optimizer is None:
+            raise RunError(f"checkpoint {resume_folder} holds no optimizer state to resume from",
+                           hint="start a new run with --init-adapter pointing at its adapter.safetensors")
+        session.load_optimizer_state(*saved_optimizer)
     _seed_ort(config.seed + start_step)
     trainable = [entry["name"] for entry in manifest["trainable"]]
     if config.init_adapter and not resume_state:
@@ -342,7 +351,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
             "first_eval_loss": first_eval.loss if first_eval else None,
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        folder = runs.write_checkpoint(run_dir, step, lambda path: session.save(path, include_optimizer_state=True), adapter_now(), state)
+        optimizer_state, optimizer_step = session.optimizer_state()
+        folder = runs.write_checkpoint(run_dir, step, adapter_now(), state, optimizer_state, optimizer_step)
         protect = {run_dir / best["checkpoint"]} if best.get("checkpoint") else set()
         runs.prune_checkpoints(run_dir, config.keep, protect)
         return folder

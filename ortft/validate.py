@@ -1,8 +1,9 @@
 """`validate_bundle`: prove a bundle is intact and trainable before a device spends time on it.
 
-Checks: manifest hashes; IR version and opsets ORT 1.19.2 accepts; ORT loads the three graphs and
-the checkpoint; the trainable set equals the manifest's; one synthetic training step gives a finite
-loss and changes only trainable parameters.
+Checks: manifest hashes; IR version and opsets that onnxruntime releases from 1.19 on read; no
+training-only op left (stock onnxruntime runs both graphs); the trainable set equals the manifest's
+and the initial adapter's; one synthetic training step gives a finite loss and finite gradients for
+every trainable tensor, and the optimizer step changes them.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
-from .manifest import load_verified
+from .manifest import load_verified, require_stock_runtime
+from .runtime import EVAL_GRAPH, GRAD_SUFFIX, INITIAL_ADAPTER, TRAINING_GRAPH
 
-MAX_IR_VERSION = 10  # ORT 1.19 reads ONNX IR version <= 10
-MAX_DEFAULT_OPSET = 21  # ORT 1.19 implements the default domain up to opset 21
-GRAPHS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
+MAX_IR_VERSION = 10  # onnxruntime 1.19 reads ONNX IR version <= 10; newer releases read these too
+MAX_DEFAULT_OPSET = 21  # onnxruntime 1.19 implements the default domain up to opset 21
+GRAPHS = (TRAINING_GRAPH, EVAL_GRAPH)
+REQUIRED_FILES = GRAPHS + (INITIAL_ADAPTER,)
 
 
 @dataclass
@@ -68,50 +71,73 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def check_standard_ops(bundle: Path) -> list[str]:
+    """Training-only ops (which stock onnxruntime lacks) left in the bundle's graphs."""
+    import onnx
+
+    from .graph.lower_training_ops import training_only_ops
+
+    problems = []
+    for name in GRAPHS:
+        left = training_only_ops(onnx.load(str(bundle / name), load_external_data=False))
+        if left:
+            problems.append(f"{name}: " + ", ".join(f"{op} x{count}" for (_domain, op), count in sorted(left.items())))
+    return problems
+
+
 def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: bool = True) -> ValidationReport:
     from .runtime import TrainingSession
 
     bundle = Path(bundle)
     report = ValidationReport()
     manifest = load_verified(bundle)  # raises BundleError listing damaged files
+    require_stock_runtime(bundle, manifest)
     report.add("manifest hashes", True, f"{len(manifest['files'])} files match")
     problems = check_graph_versions(bundle)
     report.add("IR version and opsets", not problems, "; ".join(problems) or f"IR <= {MAX_IR_VERSION}, opset <= {MAX_DEFAULT_OPSET}")
+    problems = check_standard_ops(bundle)
+    report.add("standard ONNX ops only", not problems, "; ".join(problems) or "no training-only op left")
     try:
-        session = TrainingSession(bundle, threads=threads)
+        session = TrainingSession(bundle, threads=threads, manifest=manifest)
+        graph_inputs = {value.name for value in session.train_session.get_inputs()}
+        graph_outputs = {value.name for value in session.train_session.get_outputs()}
+        session.eval_session
     except Exception as exc:  # ORT raises plain RuntimeError/Fail for unloadable graphs
-        report.add("ORT loads graphs and checkpoint", False, str(exc).splitlines()[0][:300])
+        report.add("onnxruntime loads both graphs and the initial adapter", False, str(exc).splitlines()[0][:300])
         return report
-    report.add("ORT loads graphs and checkpoint", True, f"{len(session.parameter_names())} parameters")
-    expected = {entry["name"] for entry in manifest["trainable"]}
-    actual = set(session.trainable_names())
-    same = expected == actual
-    detail = f"{len(actual)} trainable tensors" if same else (
-        f"only in manifest: {sorted(expected - actual)[:3]}; only in checkpoint: {sorted(actual - expected)[:3]}")
+    report.add("onnxruntime loads both graphs and the initial adapter", True, f"{len(session.trainable)} trainable tensors")
+    expected = [entry["name"] for entry in manifest["trainable"]]
+    missing_inputs = [name for name in expected if name not in graph_inputs]
+    missing_grads = [name for name in expected if name + GRAD_SUFFIX not in graph_outputs]
+    extra_grads = sorted(name for name in graph_outputs if name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] not in expected)
+    same = not (missing_inputs or missing_grads or extra_grads)
+    detail = f"{len(expected)} trainable tensors, each an input with a gradient output" if same else (
+        f"not graph inputs: {missing_inputs[:3]}; without gradient: {missing_grads[:3]}; gradients of others: {extra_grads[:3]}")
     report.add("trainable set equals manifest", same, detail)
-    if not train_step:
+    if not train_step or not same:
         return report
     batch = synthetic_batch(manifest)
-    frozen_before = {name: _digest(session.parameter(name)) for name in session.parameter_names() if name not in actual}
-    trainable_before = {name: session.parameter(name).copy() for name in actual}
+    before = session.adapter()
     outputs = session.train_step_forward_backward(batch)
-    loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
+    loss = float(np.asarray(outputs[0]))
+    grads = session.gradients()
+    finite = all(np.isfinite(value).all() for value in grads.values())
     session.optimizer_step(1e-3)
     report.add("synthetic step gives a finite loss", bool(np.isfinite(loss)), f"loss {loss:.4f}")
-    changed_frozen = [name for name, digest in frozen_before.items() if _digest(session.parameter(name)) != digest]
-    in_graph = manifest.get("frozen_weights") or {}
-    unchanged = f"{len(frozen_before)} frozen in the checkpoint" + (
-        f", {in_graph.get('tensors', 0)} constants of the graphs ({in_graph.get('file')})" if in_graph else "")
-    report.add("frozen parameters unchanged", not changed_frozen, ", ".join(changed_frozen[:3]) or unchanged)
-    changed_trainable = sum(not np.array_equal(session.parameter(name), value) for name, value in trainable_before.items())
-    report.add("trainable parameters updated", changed_trainable > 0, f"{changed_trainable} of {len(actual)} changed")
+    report.add("gradients are finite", finite, f"{len(grads)} gradients, norm {session.last_grad_norm:.4g}")
+    changed_trainable = sum(not np.array_equal(session.parameter(name), value) for name, value in before.items())
+    report.add("trainable parameters updated", changed_trainable > 0, f"{changed_trainable} of {len(before)} changed")
+    frozen = manifest.get("frozen_weights") or {}
+    report.add("frozen weights are constants of the graphs", True,
+               f"{frozen.get('tensors', 0)} tensors in {frozen.get('file')}" if frozen else "none")
     return report
 
 
 def require_valid(bundle: Path | str) -> dict:
     """For commands that consume a bundle: manifest + hashes, or a BundleError."""
     manifest = load_verified(bundle)
-    for name in GRAPHS + ("checkpoint",):
+    require_stock_runtime(bundle, manifest)
+    for name in REQUIRED_FILES:
         if name not in manifest["files"]:
             raise BundleError(f"bundle {bundle} lacks {name}", hint="prepare the bundle again")
     return manifest

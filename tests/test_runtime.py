@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import numpy as np
@@ -13,20 +12,51 @@ def _loss(outputs) -> float:
     return float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
 
 
-def test_checkpoint_written_by_ort_to_a_full_device_is_an_os_error(tiny_llama, tmp_path):
-    """ORT's own checkpoint writer on /dev/full (every write fails with ENOSPC) raises a RuntimeError
-    that says "errno:28"; `save` makes it the OSError that `ortft train` reports as a full disk."""
-    from prepare.helpers import prepare_tiny
+def test_micro_batch_gradients_are_summed_and_reset_by_the_optimizer_step(tiny_llama, tmp_path):
+    """Two micro-batches before one step: the gradients are the sum of each batch's own (bound outputs
+    are overwritten per run, so the runtime must add them), and the step starts the next sum afresh."""
+    from prepare.helpers import batch_for, prepare_tiny
 
     from ortft.runtime import TrainingSession
 
-    prepare_tiny(tiny_llama, tmp_path / "bundle")
+    manifest = prepare_tiny(tiny_llama, tmp_path / "bundle")
+    first, second = batch_for(manifest, seed=1), batch_for(manifest, seed=5)
     session = TrainingSession(tmp_path / "bundle", threads=1)
-    with pytest.raises(OSError) as caught:
-        session.save("/dev/full")
-    assert caught.value.errno == errno.ENOSPC
-    session.save(tmp_path / "checkpoint")  # the same session still saves where there is room
-    assert (tmp_path / "checkpoint").stat().st_size > 0
+    session.train_step_forward_backward(first)
+    alone_first = session.gradients()
+    session.micro_batches = 0  # forget them, without a step
+    session.train_step_forward_backward(second)
+    alone_second = session.gradients()
+    session.micro_batches = 0
+    session.train_step_forward_backward(first)
+    session.train_step_forward_backward(second)
+    summed = session.gradients()
+    assert any(np.abs(value).max() > 0 for value in alone_first.values())
+    for name in summed:
+        np.testing.assert_allclose(summed[name], alone_first[name] + alone_second[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    session.optimizer_step(1e-3)
+    assert session.micro_batches == 0
+    session.train_step_forward_backward(first)
+    assert session.micro_batches == 1
+
+
+def test_parameters_are_bound_without_copies(tiny_llama, tmp_path):
+    """The training graph reads the parameter buffers themselves: a value set between two runs is what
+    the next run sees (the loss changes), and setting the old value back gives the old loss exactly."""
+    from prepare.helpers import batch_for, prepare_tiny
+
+    from ortft.runtime import TrainingSession
+
+    manifest = prepare_tiny(tiny_llama, tmp_path / "bundle")
+    session = TrainingSession(tmp_path / "bundle", threads=1, with_optimizer=False)
+    batch = batch_for(manifest)
+    name = next(entry["name"] for entry in manifest["trainable"] if "lora_B" in entry["name"])
+    original = session.parameter(name).copy()
+    before = _loss(session.evaluate(batch))
+    session.set_parameter(name, original + 0.5)
+    assert _loss(session.evaluate(batch)) != before
+    session.set_parameter(name, original)
+    assert _loss(session.evaluate(batch)) == before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; nothing is dropped elsewhere")

@@ -26,29 +26,41 @@ def collect() -> dict:
         "ortft": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "onnxruntime": _version("onnxruntime-training-cpu"),
         "onnx": _version("onnx"),
         "numpy": _version("numpy"),
         "tokenizers": _version("tokenizers"),
     }
-    if facts["onnxruntime"] == "not installed":
-        facts["onnxruntime"] = _version("onnxruntime-training")
-    try:
-        from ..runtime import onnxruntime_module  # a plain `import onnxruntime` loads onnxruntime.training, which needs torch
+    from ..runtime import onnxruntime_distribution
 
-        facts["execution_providers"] = list(onnxruntime_module().get_available_providers())
+    distribution = onnxruntime_distribution()
+    facts["onnxruntime"] = f"{distribution[0]} {distribution[1]}" if distribution else "not installed"
+    try:
+        from ..runtime import onnxruntime_module
+
+        ort = onnxruntime_module()
+        facts["execution_providers"] = list(ort.get_available_providers())
+        ort.InferenceSession  # noqa: B018  (a broken install fails here)
+        facts["training"] = "ok (stock onnxruntime runs ortft's training graphs)" if distribution and \
+            not distribution[0].startswith("onnxruntime-training") else "the training build: ortft needs stock onnxruntime"
     except Exception as exc:  # a broken install is exactly what doctor must report
         facts["execution_providers"] = [f"unavailable: {exc}"]
-    try:
-        from ..runtime import training_api
+        facts["training"] = f"unavailable: {exc}"
+    from ..providers import auto_provider
 
-        training_api()
-        facts["training_api"] = "ok"
+    try:
+        facts["auto_provider"] = auto_provider()
     except Exception as exc:
-        facts["training_api"] = f"unavailable: {exc}"
+        facts["auto_provider"] = f"unavailable: {exc}"
     host_packages = ["torch", "transformers", "peft", "optimum"]
     missing = [name for name in host_packages if importlib.util.find_spec(name) is None]
     facts["prepare_extra"] = "installed" if not missing else f"not installed (missing: {', '.join(missing)})"
+    if not missing:
+        from ..prepare.gradient_env import ConfigError, gradient_python
+
+        try:
+            facts["gradient_builder"] = str(gradient_python(create_if_missing=False))
+        except ConfigError as exc:
+            facts["gradient_builder"] = f"not set up ({exc.hint})"
     facts["cpu_count"] = os.cpu_count()
     facts["training_threads"] = default_threads()
     return facts

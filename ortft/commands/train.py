@@ -112,7 +112,8 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--init-adapter", default=None, type=click.Path(), help="Start from these adapter weights (adapter.safetensors of a run or an `export --format adapter`).")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True)
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
-@click.option("--provider", default=_defaults.provider, show_default=True, help="Execution provider for training: cpu or cuda.")
+@click.option("--provider", default=_defaults.provider, show_default=True, help="Execution provider: auto (the best installed), cpu, cuda, openvino, ... "
+              "NAME[:key=value,...]; nodes it cannot run go to the CPU (docs/providers.md).")
 @click.option("--config", "config", type=click.Path(), default=None, help="A YAML file with these options; flags override it.")
 @click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
 @click.pass_context

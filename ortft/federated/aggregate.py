@@ -65,19 +65,14 @@ def adapter_nbytes(adapter: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(value).nbytes for value in adapter.values()))
 
 
-def initial_adapter(bundle: Path | str, manifest: dict, session=None) -> tuple[dict[str, np.ndarray], int]:
-    """The bundle checkpoint's trainable tensors (the adapter every run starts from), and the bytes of
-    the base model's frozen weights (frozen_weights.data, or in the checkpoint of an older bundle)."""
-    from ..runtime import TrainingSession
+def initial_adapter(bundle: Path | str, manifest: dict) -> tuple[dict[str, np.ndarray], int]:
+    """The bundle's initial adapter (what every run starts from), and the bytes of the base model's
+    frozen weights (frozen_weights.data; estimated from the parameter count where it is absent)."""
+    from ..runtime import INITIAL_ADAPTER, load_parameters
 
-    if session is None:
-        session = TrainingSession(bundle, with_optimizer=False)
     trainable = [entry["name"] for entry in manifest["trainable"]]
-    adapter = {name: np.ascontiguousarray(session.parameter(name), dtype=np.float32) for name in trainable}
+    adapter = load_parameters(Path(bundle) / INITIAL_ADAPTER, trainable)
     frozen = int((manifest.get("frozen_weights") or {}).get("bytes", 0))
-    for name in session.parameter_names():
-        if name not in adapter:
-            frozen += int(np.asarray(session.parameter(name)).nbytes)
-    if frozen == 0:  # a checkpoint without the frozen weights: estimate from the parameter count
+    if frozen == 0:
         frozen = int(manifest.get("model", {}).get("num_parameters", 0)) * 4
     return adapter, frozen

@@ -189,7 +189,7 @@ def _eval_setup(settings: NodeSettings, config: ConfigRecord):
         train_config = TrainConfig(batch_size=key[4], seq_len=key[5], seed=key[6])
         data_config = DataConfig.from_train_config(train_config, task=manifest["task"], label_names=manifest.get("labels"))
         train_set, valid_set = load_train_and_valid(settings.data, tokenizer, data_config, settings.valid, settings.valid_fraction)
-        session = TrainingSession(settings.bundle, threads=settings.threads, with_optimizer=False)
+        session = TrainingSession(settings.bundle, threads=settings.threads, with_optimizer=False, manifest=manifest)
         _eval_cache.clear()
         _eval_cache[key] = (session, manifest, valid_set if valid_set is not None else train_set, data_config)
     return _eval_cache[key]

@@ -62,12 +62,10 @@ def resume_point(run_dir: Path, bundle_digest: str) -> tuple[int, Path | None, d
     return int(state["round"]), folder, state
 
 
-def save_round(run_dir: Path, rnd: int, session, manifest: dict, adapter: dict[str, np.ndarray], state: dict, keep: int) -> Path:
-    """checkpoints/step-<round>: the ORT checkpoint with the global adapter set, the adapter, the state."""
-    for entry in manifest["trainable"]:
-        session.set_parameter(entry["name"], np.ascontiguousarray(adapter[entry["name"]], dtype=np.float32))
+def save_round(run_dir: Path, rnd: int, adapter: dict[str, np.ndarray], state: dict, keep: int) -> Path:
+    """checkpoints/step-<round>: the global adapter and the round's state."""
     state = dict(state, round=rnd, step=rnd, saved=now())
-    folder = runs.write_checkpoint(run_dir, rnd, lambda path: session.save(path, include_optimizer_state=False), adapter, state)
+    folder = runs.write_checkpoint(run_dir, rnd, adapter, state)
     best = run_dir / runs.BEST_FILE
     protect = set()
     if best.is_file():

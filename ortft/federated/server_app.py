@@ -166,15 +166,13 @@ def _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names):
 
 def run_federation(grid: Grid, settings: ServerSettings) -> dict:
     """The whole federated run (or its resumption): returns the last round's record."""
-    from ..runtime import TrainingSession
     from ..validate import require_valid
 
     bundle, run_dir = Path(settings.bundle), Path(settings.out)
     manifest = require_valid(bundle)
     digest = manifest_digest(bundle)
     trainable = [entry["name"] for entry in manifest["trainable"]]
-    session = TrainingSession(bundle, with_optimizer=False)  # also writes each round's ORT checkpoint
-    adapter, base_bytes = initial_adapter(bundle, manifest, session=session)
+    adapter, base_bytes = initial_adapter(bundle, manifest)
     last_round, state = 0, None
     if settings.resume and runs.is_run_dir(run_dir):
         last_round, folder, state = runfolder.resume_point(run_dir, digest)
@@ -238,7 +236,7 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
         # The record before the checkpoint: a server killed in between resumes from the previous round, whose
         # resumption drops this record (RoundLog); the other way round, a saved round could lack its record.
         metrics.write(record)
-        folder = runfolder.save_round(run_dir, rnd, session, manifest, adapter, {
+        folder = runfolder.save_round(run_dir, rnd, adapter, {
             "bundle_manifest_sha256": digest, "strategy": settings.strategy, "eval_loss": evaluation["eval_loss"],
             "best_eval_loss": best, "settings": settings.to_dict()}, settings.keep)
         if is_best:

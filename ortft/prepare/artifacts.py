@@ -1,22 +1,23 @@
-"""Generate ORT training artifacts (training, eval, optimizer graphs + checkpoint) from a loss graph.
+"""Build the bundle's training and eval graphs (standard ONNX) and initial adapter from a loss graph.
 
-Only the adapter tensors require gradients; every other initializer is frozen. AdamW carries the
-weight decay and gradient-norm clipping chosen at prepare time.
+Only the adapter tensors get gradients; every other initializer is frozen. ORT's gradient builder makes
+the backward graph (in its own environment: gradient_env.py); ortft's passes then rewrite it, and the
+last one lowers every training-only op to standard ONNX so that stock onnxruntime trains the bundle. The
+optimizer step is ortft's own (ortft/optimizer.py), with the settings the manifest records.
 
 With quantization (QLoRA-style, `Quantization`), the chosen frozen weights are replaced by
 DequantizeLinear of int8/int4 tensors before the gradient graph is built. Those tensors travel as
 graph inputs through ORT's artifact generation (as Constants it would fold them back into float32)
 and then become initializers of the generated training and eval graphs whose bytes are stored once,
-in quantized_weights.data; they are never in the checkpoint.
-The training graph then gets a second DequantizeLinear per weight for its backward pass (recompute).
+in quantized_weights.data. The training graph then gets a second DequantizeLinear per weight for its
+backward pass (recompute).
 
 ORT builds the gradient graph from a weightless skeleton: the frozen float weights leave the loss
-graph as plain graph inputs (their bytes go, serialized, to a side file) before `generate_artifacts`
-sees it; afterwards they become initializers of the generated training and eval graphs whose bytes are
-stored once, in frozen_weights.data, and the checkpoint holds the trainable tensors only. The gradient graph
-does not depend on weight values, and ORT's generator copies the whole model several times over
-(serialized, parsed, optimised, gradient-built, once for the training and once for the eval graph):
-a randomly initialised 1.1B Llama (4.4 GB of weights) was killed at 24 GB in that stage.
+graph as plain graph inputs (their bytes go, serialized, to a side file) before the builder sees it;
+afterwards they become initializers of the generated training and eval graphs whose bytes are stored
+once, in frozen_weights.data. The gradient graph does not depend on weight values, and ORT's generator
+copies the whole model several times over: a randomly initialised 1.1B Llama (4.4 GB of weights) was
+killed at 24 GB in that stage when the weights went with it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.shared_lora_input import ShareLoraInput
 from ..graph.transposed_gemm import TransposeIntoGemm
-from ..quiet import native_stderr_captured
-from ..runtime import FROZEN_DATA, QUANTIZED_DATA  # weights shared by the training and eval graphs, outside the checkpoint
+from ..optimizer import ADAMW_UPDATE  # noqa: F401  (the manifest names the update ortft makes)
+from ..runtime import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, QUANTIZED_DATA, TRAINING_GRAPH
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +75,6 @@ def quantization_targets(model, trainable: set[str], settings: Quantization) -> 
     if settings.embeddings:
         chosen.extend(name for name in tables if name not in trainable)
     return chosen
-
-
-def optimizer_block(weight_decay: float, max_grad_norm: float | None):
-    from onnxruntime.training import onnxblock
-
-    clip = onnxblock.optim.ClipGradNorm(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else None
-    return onnxblock.optim.AdamW(weight_decay=weight_decay, clip_grad=clip)
-
-
-ADAMW_UPDATE = "torch.optim.AdamW"  # the update the optimizer graph makes (manifest optimizer.update)
-
-
-def use_pytorch_adamw_update(path: Path) -> None:
-    """Make the optimizer graph's AdamWOptimizer do torch.optim.AdamW's update (ORT's adam_mode 0).
-
-    onnxblock's AdamW always builds adam_mode 1, the update of the old `transformers.AdamW`: epsilon
-    is added to sqrt(v) before the second moment's bias correction (an effective epsilon of
-    eps / sqrt(1 - beta2^t): 32x larger at the first step, 3x at the hundredth) and the weight decay
-    comes after the step. LoRA's gradients are small, so that epsilon damps their updates: SmolLM2-135M
-    on the chat data, the same batches and starting adapters, ortft's loss drifted 0.5% -> 3.8% above
-    PyTorch+PEFT's over steps 2-8. Mode 0 is PyTorch's AdamW (decay first, both moments
-    bias-corrected), which is what users compare against and what Hugging Face's Trainer uses.
-    """
-    import onnx
-
-    graph = onnx.load(str(path))
-    nodes = [node for node in graph.graph.node if node.op_type == "AdamWOptimizer"]
-    if len(nodes) != 1:
-        raise RuntimeError(f"{path.name}: expected one AdamWOptimizer node, found {len(nodes)}")
-    for attribute in nodes[0].attribute:
-        if attribute.name == "correct_bias" and attribute.i != 1:
-            raise RuntimeError(f"{path.name}: PyTorch's AdamW update needs bias correction")
-    kept = [attribute for attribute in nodes[0].attribute if attribute.name != "adam_mode"]
-    del nodes[0].attribute[:]
-    nodes[0].attribute.extend(kept + [onnx.helper.make_attribute("adam_mode", 0)])
-    onnx.save_model(graph, str(path))
 
 
 def prepare_loss_graph(model) -> int:
@@ -229,40 +194,82 @@ def save_loss_graph(model, trainable: list[str], work_dir: Path, external_data: 
 def generate(
     loss_graph: LossGraph,
     out_dir: Path,
-    weight_decay: float,
-    max_grad_norm: float | None,
     verbose: bool = False,
     recompute_activations: bool = True,
 ) -> dict:
-    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint to `out_dir`.
+    """Write training_model.onnx, eval_model.onnx (standard ONNX) and initial_adapter.safetensors to `out_dir`.
 
+    ORT's gradient builder runs in its own environment (gradient_env.py, a subprocess); then ortft's
+    passes: quantized weights, recomputes, frozen weights into FROZEN_DATA, and the lowering of every
+    training-only op (ortft/graph/lower_training_ops.py), so that stock onnxruntime runs the graphs.
     Returns what the graph passes changed (for the manifest); with quantization, also a
     "quantization" entry (settings, per-layer bytes and errors, frozen bytes before/after).
     """
     import onnx
-    import onnxruntime
-    from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)
-    with native_stderr_captured(enabled=not verbose), native_write_errors():
-        _generate_artifacts(artifacts, str(loss_graph.path), loss_graph.trainable, weight_decay, max_grad_norm, out_dir)
-        use_pytorch_adamw_update(out_dir / "optimizer_model.onnx")
-        _write_checkpoint(loss_graph, out_dir / "checkpoint")  # replaces the generator's: the trainable tensors only
+    with native_write_errors():
+        run_gradient_builder(loss_graph, out_dir, verbose)
+        _write_initial_adapter(loss_graph, out_dir / INITIAL_ADAPTER)
     frozen_store = _store_frozen_weights(loss_graph, out_dir)
     result = {"frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
               "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved,
               "lora_inputs_shared": loss_graph.lora_inputs_shared}
     if loss_graph.quantizer is not None:
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
-    result.update(_recompute_activations(out_dir / "training_model.onnx") if recompute_activations
+    result.update(_recompute_activations(out_dir / TRAINING_GRAPH) if recompute_activations
                   else {"recomputed_activations": 0, "recomputed_norms": 0})
-    eval_path = out_dir / "eval_model.onnx"
+    eval_path = out_dir / EVAL_GRAPH
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
     if dropout_off:
         onnx.save_model(eval_model, str(eval_path))
     result["eval_dropout_disabled"] = dropout_off
+    result["lowered_training_ops"] = lower_training_graphs(out_dir)
     return result
+
+
+def lower_training_graphs(folder: Path) -> dict:
+    """Lower the training-only ops of both graphs in `folder` to standard ONNX; {graph: {op: count}}."""
+    import onnx
+
+    from ..graph.lower_training_ops import LowerTrainingOps
+
+    lowered = {}
+    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
+        path = folder / file_name
+        graph = onnx.load(str(path), load_external_data=False)
+        lowering = LowerTrainingOps()
+        result = lowering.call(graph)
+        lowered[file_name] = dict(getattr(lowering, "lowered", {}) or {}) or result.count
+        if result.modified:
+            onnx.save_model(graph, str(path))
+        del graph
+    return lowered
+
+
+def run_gradient_builder(loss_graph: LossGraph, out_dir: Path, verbose: bool = False) -> None:
+    """ORT's generator on the weightless skeleton (the frozen weights are plain inputs, not parameters),
+    in the gradient builder's own environment: ortft's environment holds stock onnxruntime."""
+    import json
+    import subprocess
+    import tempfile
+
+    from .gradient_env import gradient_python
+
+    python = gradient_python()
+    worker = Path(__file__).with_name("gradient_worker.py")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ortft-grad-") as scratch:
+        names = Path(scratch) / "requires_grad.json"
+        names.write_text(json.dumps(sorted(loss_graph.trainable)), encoding="utf-8")
+        result = subprocess.run([str(python), str(worker), str(loss_graph.path), str(out_dir), str(names)],
+                                stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
+                                text=True, errors="replace")
+    if result.returncode != 0:
+        tail = "\n".join(((result.stderr or "") + (result.stdout or "")).strip().splitlines()[-25:])
+        if "No space left" in tail or "errno:28" in tail:
+            raise OSError(28, f"No space left on device while ORT's gradient builder wrote {out_dir}")
+        raise RuntimeError(f"ORT's gradient builder failed (exit {result.returncode}):\n{tail}")
 
 
 def _recompute_activations(path: Path) -> dict:
@@ -286,11 +293,11 @@ def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
     recomputed = 0
     shared = {}
     offsets = write_external_tensors(quantizer.tensors, out_dir / QUANTIZED_DATA)
-    for file_name in ("training_model.onnx", "eval_model.onnx"):
+    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
         path = out_dir / file_name
         graph = onnx.load(str(path), load_external_data=False)
         ExternalizeInputs(quantizer.tensors, QUANTIZED_DATA, offsets).call(graph)
-        if file_name == "training_model.onnx" and settings.recompute:
+        if file_name == TRAINING_GRAPH and settings.recompute:
             recomputed = RecomputeDequantize(NODE_PREFIX).call(graph).count
         shared[file_name] = ShareDequantized().call(graph).count  # after the clones: each may have readers
         onnx.save_model(graph, str(path))
@@ -322,27 +329,19 @@ def _float_bytes(model, trainable: set[str]) -> int:
                    if t.name not in trainable and _is_float(t)))
 
 
-def _generate_artifacts(artifacts, source, trainable_set, weight_decay, max_grad_norm, out_dir) -> None:
-    """ORT's generator on the weightless skeleton: the frozen weights are plain inputs, not parameters."""
-    artifacts.generate_artifacts(
-        source,
-        requires_grad=sorted(trainable_set),
-        frozen_params=[],
-        loss=None,
-        optimizer=optimizer_block(weight_decay, max_grad_norm),
-        artifact_directory=str(out_dir),
-    )
-
-
-def _write_checkpoint(loss_graph: LossGraph, path: Path) -> None:
-    """Write the checkpoint with the trainable tensors only: the frozen weights go to FROZEN_DATA."""
+def _write_initial_adapter(loss_graph: LossGraph, path: Path) -> None:
+    """The trainable tensors' starting values (from the loss graph's initializers) as safetensors."""
     import onnx
-    from onnxruntime.capi._pybind_state import save_checkpoint
+    from onnx import numpy_helper
+
+    from ..fsutil import write_bytes_atomic
+    from ..run import adapter_bytes
 
     skeleton = onnx.load(str(loss_graph.path))
-    trainable = [tensor.SerializeToString() for tensor in skeleton.graph.initializer if tensor.name in loss_graph.trainable]
+    arrays = {tensor.name: numpy_helper.to_array(tensor) for tensor in skeleton.graph.initializer
+              if tensor.name in loss_graph.trainable}
     del skeleton
-    save_checkpoint(trainable, [], str(path), False)
+    write_bytes_atomic(path, adapter_bytes(arrays))
 
 
 def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:
@@ -371,7 +370,7 @@ def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:
                 yield name, tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
 
     offsets = write_external_blobs(frozen_bytes(), out_dir / FROZEN_DATA)
-    for file_name in ("training_model.onnx", "eval_model.onnx"):
+    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
         path = out_dir / file_name
         graph = onnx.load(str(path), load_external_data=False)
         ExternalizeInputs(shapes, FROZEN_DATA, offsets).call(graph)

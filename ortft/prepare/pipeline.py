@@ -23,7 +23,8 @@ from ..errors import ConfigError
 from ..fsutil import check_output_dir, staged_dir
 from ..manifest import BUNDLE_FORMAT, FORMAT_VERSION, write_manifest
 from ..memory import release_freed_memory
-from . import adapters, artifacts, source as sources
+from ..optimizer import ADAMW_UPDATE
+from . import adapters, artifacts, gradient_env, source as sources
 from .architectures import architecture_for
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def _versions() -> dict:
     return {
         "ortft": __version__,
         "python": platform.python_version(),
-        "onnxruntime": version("onnxruntime-training-cpu") or version("onnxruntime-training"),
+        "onnxruntime": version("onnxruntime"),
+        "gradient_builder": gradient_env.TRAINING_BUILD,
         "onnx": version("onnx"),
         "torch": version("torch"),
         "transformers": version("transformers"),
@@ -230,7 +232,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
         # The torch model is no longer needed: free it before ORT builds the gradient graph (peak RSS).
         del peft_model, model
         release_freed_memory()
-        with reporter.stage("generating ORT training artifacts"):
+        with reporter.stage("building the training graph (gradients, standard ONNX)"):
             trainable_names = sorted(entry["name"] for entry in trainable)
             loss_graph = artifacts.save_loss_graph(loss_model, trainable_names, work_dir, config.external_data, quantization,
                                                    loss_chunks=config.loss_chunks if causal else 0,
@@ -238,7 +240,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
-            passes = artifacts.generate(loss_graph, stage_dir, config.weight_decay, config.max_grad_norm, config.verbose,
+            passes = artifacts.generate(loss_graph, stage_dir, config.verbose,
                                         recompute_activations=config.recompute_activations)
             quantization_section = passes.pop("quantization", None)
             frozen_weights_section = passes.pop("frozen_weights")
@@ -266,7 +268,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                     "max_grad_norm": config.max_grad_norm,
                     "betas": [0.9, 0.999],
                     "eps": 1e-6,
-                    "update": artifacts.ADAMW_UPDATE,  # ORT's adam_mode 0 (artifacts.use_pytorch_adamw_update)
+                    "update": ADAMW_UPDATE,  # the update ortft/optimizer.py makes on the device
                 },
                 "trainable": trainable,
                 "frozen": frozen,

@@ -1,4 +1,4 @@
-"""The bundle's optimizer graph: AdamW updates the adapters exactly as torch.optim.AdamW does."""
+"""prepare's artifacts: standard-ONNX graphs, an initial adapter, and AdamW steps equal to torch.optim.AdamW's."""
 
 from __future__ import annotations
 
@@ -21,25 +21,33 @@ def bundle(tiny_llama, tmp_path_factory):
     return out, manifest
 
 
-def test_optimizer_graph_uses_pytorch_adamw_update(bundle):
+def test_bundle_holds_standard_graphs_and_an_initial_adapter(bundle):
+    """No ORT checkpoint and no optimizer graph; the training graph's inputs are the batch and the
+    trainable tensors, its outputs the loss and one gradient per trainable tensor; no training-only op."""
+    from safetensors.numpy import load_file
+
+    from ortft.graph.lower_training_ops import training_only_ops
+
     out, manifest = bundle
-    graph = onnx.load(str(out / "optimizer_model.onnx"))
-    adamw = [node for node in graph.graph.node if node.op_type == "AdamWOptimizer"]
-    assert len(adamw) == 1
-    attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in adamw[0].attribute}
-    assert attributes["adam_mode"] == 0 and attributes["correct_bias"] == 1
-    assert attributes["weight_decay"] == pytest.approx(WEIGHT_DECAY)
+    assert not (out / "checkpoint").exists() and not (out / "optimizer_model.onnx").exists()
+    assert manifest["format_version"] == 2
+    trainable = [entry["name"] for entry in manifest["trainable"]]
+    initial = load_file(str(out / "initial_adapter.safetensors"))
+    assert sorted(initial) == sorted(trainable)
+    graph = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
+    inputs = [value.name for value in graph.graph.input]
+    outputs = [value.name for value in graph.graph.output]
+    assert inputs == ["input_ids", "attention_mask", "position_ids", "labels", *trainable]
+    assert outputs == ["loss", *[name + "_grad" for name in trainable]]
+    assert not training_only_ops(graph)
     assert manifest["optimizer"]["update"] == "torch.optim.AdamW"
+    assert manifest["optimizer"]["weight_decay"] == pytest.approx(WEIGHT_DECAY)
     assert any(line.startswith("optimizer    AdamW (torch.optim.AdamW update)") for line in summary_lines(manifest))
 
 
 def test_adapters_after_several_steps_match_torch_adamw(bundle, tiny_llama):
-    """Same start, batch and settings: ORT's steps and PyTorch's give the same adapter weights.
-
-    The gradients of the first step are small for many A entries (B is small), where the update
-    of onnxblock's default mode (eps added before the second moment's bias correction) moves them
-    visibly less than PyTorch's.
-    """
+    """Same start, batch and settings: ortft's steps on stock onnxruntime and PyTorch's give the same
+    losses and adapter weights (weight decay and clipping included)."""
     import torch
 
     from ortft.runtime import TrainingSession
@@ -55,7 +63,7 @@ def test_adapters_after_several_steps_match_torch_adamw(bundle, tiny_llama):
                                   eps=manifest["optimizer"]["eps"], weight_decay=WEIGHT_DECAY)
     inputs = {name: torch.from_numpy(value) for name, value in batch.items()}
     for _ in range(4):
-        ours = float(np.asarray(session.train_step_forward_backward(batch)))
+        ours = float(np.asarray(session.train_step_forward_backward(batch)[0]))
         session.optimizer_step(LR)
         theirs = model(**inputs).loss
         theirs.backward()
