@@ -240,6 +240,22 @@ def _seed_ort(seed: int) -> None:
         setter(int(seed))
 
 
+def _report_placement(session, providers, batch_inputs: dict, quiet: bool) -> dict:
+    """With an accelerator, how many training-graph nodes each provider took (one profiled run of a
+    separate session); ORT runs on the CPU whatever the accelerator cannot. CPU alone: {} (no profiling)."""
+    from .providers import CPU_PROVIDER
+
+    if providers[0][0] == CPU_PROVIDER:
+        return {}
+    counts = session.placement(batch_inputs)
+    total = sum(counts.values())
+    if not quiet:
+        click.echo("note: training graph nodes per execution provider: " +
+                   ", ".join(f"{name} {count} of {total}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])),
+                   err=True)
+    return counts
+
+
 def load_initial_adapter(session, manifest: dict, path: Path) -> None:
     """Set the trainable tensors from a safetensors file (e.g. a global adapter in federated training)."""
     from .export import check_adapter, load_adapter
@@ -259,6 +275,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     from .providers import describe_providers, resolve_for_training
     from .runtime import TrainingSession
     from .tokenizer import load_tokenizer
+    from .tokenizer_facts import tokenizer_notes
 
     check_config(config)
     bundle = Path(config.bundle)
@@ -316,6 +333,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     if manifest.get("optimizer", {}).get("update") != ADAMW_UPDATE:
         notes.append("this bundle was prepared with the old transformers.AdamW update; ortft now always makes "
                      "PyTorch's AdamW update (its losses differ from runs made before)")
+    notes.extend(tokenizer_notes(bundle, manifest))  # a GGUF bundle prepared before its tokenizer kept the GGUF's tokens
     for note in notes:
         click.echo(f"note: {note}", err=True)
 
@@ -365,6 +383,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         return result
 
     started = time.perf_counter()
+    placement = None  # nodes per execution provider, measured on the first batch
     stop = StopRequest()
     stop_after = config.extra.get("stop_after")
     trained_tokens = 0
@@ -400,6 +419,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
                     if batch.num_label_tokens == 0:
                         continue  # nothing to learn in this batch (every label masked)
                     loss = scalar(session.train_step_forward_backward(batch.inputs))
+                    if placement is None:
+                        placement = _report_placement(session, providers, batch.inputs, quiet)
                     if not math.isfinite(loss):
                         raise TrainingDivergedError(
                             f"the loss became {loss} at step {step}; training stopped before the optimizer step",
@@ -456,6 +477,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         "train_seconds": train_seconds,
         "tokens_per_s": trained_tokens / train_seconds if train_seconds else 0.0,
         "peak_rss_mb": peak_rss_mb(),
+        "provider": device,
+        "nodes_per_provider": placement or None,
         "data": stats.to_dict(),
         "notes": notes,
     }

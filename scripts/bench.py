@@ -198,10 +198,11 @@ def worker_prepare(spec: dict) -> dict:
         prepare_bundle(config, quiet=True)
         write_bytes_atomic(code_stamp(bundle), bundle_code_hash().encode())
     if not init.is_file():
-        from ortft.runtime import training_api
+        from safetensors.numpy import load_file
 
-        state = training_api().CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-        arrays = {name: np.asarray(param.data) for name, param in state.parameters if param.requires_grad}
+        from ortft.runtime import INITIAL_ADAPTER
+
+        arrays = load_file(str(bundle / INITIAL_ADAPTER))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         write_bytes_atomic(init, buffer.getvalue())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device-only check: a second environment .venv-device with ortft's core dependencies only
-# (no torch, transformers, peft, optimum) runs the device commands on a bundle the host made.
+# Device-only check: a second environment .venv-device with ortft's core dependencies only (stock
+# onnxruntime; no torch, transformers, peft, optimum) runs the device commands on a bundle the host made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,6 +11,10 @@ if [ ! -x "$DEV/bin/python" ]; then
   "$PYTHON" -m venv "$DEV"
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # made before ortft moved to stock onnxruntime: the training build goes (one onnxruntime per environment)
+  if "$DEV/bin/python" -m pip show -q onnxruntime-training-cpu >/dev/null 2>&1; then
+    "$DEV/bin/python" -m pip uninstall -q -y onnxruntime-training-cpu onnxruntime
+  fi
   "$DEV/bin/python" -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"
 fi
@@ -20,11 +24,13 @@ for host_only in torch transformers peft optimum; do
     echo "[device-check] FAIL: $host_only is installed in $DEV" >&2; exit 1
   fi
 done
-"$DEV/bin/python" -c "import ortft, ortft.cli, ortft.runtime; ortft.runtime.training_api()"
+if "$DEV/bin/python" -m pip show -q onnxruntime-training-cpu >/dev/null 2>&1; then
+  echo "[device-check] FAIL: $DEV holds the training build; the device runs stock onnxruntime" >&2; exit 1
+fi
+"$DEV/bin/python" -c "import ortft, ortft.cli, ortft.runtime; ortft.runtime.onnxruntime_module().InferenceSession"
 "$DEV/bin/ortft" --help >/dev/null
 "$DEV/bin/ortft" doctor
-# doctor must see the training API where train works (it once imported onnxruntime before ortft's torch-free set-up)
-"$DEV/bin/ortft" doctor --json | "$DEV/bin/python" -c 'import json, sys; facts = json.load(sys.stdin); assert facts["training_api"] == "ok", facts["training_api"]'
+"$DEV/bin/ortft" doctor --json | "$DEV/bin/python" -c 'import json, sys; facts = json.load(sys.stdin); assert facts["training"].startswith("ok"), facts["training"]; assert facts["onnxruntime"].startswith("onnxruntime "), facts["onnxruntime"]'
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -31,10 +31,11 @@ def test_doctor_reports_versions_and_providers():
     result = run_ortft("doctor", "--json")
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
-    assert facts["onnxruntime"] == "1.19.2"
+    assert facts["onnxruntime"].startswith("onnxruntime 1.")  # stock onnxruntime, never the training build
     assert facts["onnx"].startswith("1.16")
     assert "CPUExecutionProvider" in facts["execution_providers"]
-    assert facts["training_api"] == "ok"
+    assert facts["training"].startswith("ok")
+    assert facts["auto_provider"] == "cpu"
     assert facts["prepare_extra"] == "installed"
     assert facts["training_threads"] >= 1
     text = run_ortft("doctor").stdout

@@ -46,7 +46,7 @@ def test_builtin_entries_have_ort_names_and_training_flags():
         "rocm": "ROCMExecutionProvider",
     }
     assert {name: spec.ort_name for name, spec in table.items()} == expected
-    assert {name for name, spec in table.items() if spec.can_train} == {"cpu", "cuda"}
+    assert all(spec.can_train for spec in table.values())  # standard-ONNX training graphs run anywhere
     assert all(spec.description for spec in table.values())
     assert "config_file" in table["vitisai"].required_options
 
@@ -54,7 +54,7 @@ def test_builtin_entries_have_ort_names_and_training_flags():
 def test_real_ort_build_reports_cpu():
     assert "cpu" in providers.available_providers()
     assert providers.resolve_for_training("cpu") == [("CPUExecutionProvider", {})]
-    assert providers.training_device("cpu") == "cpu"
+    assert providers.describe_providers(providers.resolve_for_training("cpu")) == "cpu"
 
 
 def test_available_providers_maps_to_short_names_and_keeps_unknown_ort_names(fake_ort):
@@ -93,13 +93,28 @@ def test_training_refuses_unknown_provider_and_lists_available(fake_ort):
     assert "available in this onnxruntime build: cpu" in caught.value.message
 
 
-def test_training_refuses_provider_that_cannot_train_even_if_available(fake_ort):
+def test_accelerators_train_with_cpu_fallback(fake_ort):
+    """Training graphs are standard ONNX: OpenVINO trains, and the CPU takes the nodes it cannot run."""
     fake_ort("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    resolved = providers.resolve_for_training("openvino:device_type=CPU")
+    assert resolved == [("OpenVINOExecutionProvider", {"device_type": "CPU"}), ("CPUExecutionProvider", {})]
+    assert providers.describe_providers(resolved) == "openvino (+ cpu)"
+
+
+def test_auto_picks_the_first_installed_of_the_preference_order(fake_ort):
+    fake_ort("CPUExecutionProvider")
+    assert providers.resolve_for_training("auto") == [("CPUExecutionProvider", {})]
+    fake_ort("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert providers.resolve_for_training("auto")[0][0] == "CUDAExecutionProvider"
+    assert providers.resolve_for_inference("auto")[0][0] == "CUDAExecutionProvider"
+
+
+def test_training_refuses_a_provider_registered_inference_only(fake_ort):
+    fake_ort("AcmeExecutionProvider", "CPUExecutionProvider")
+    providers.register_provider("acme", "AcmeExecutionProvider", can_train=False)
     with pytest.raises(ProviderError) as caught:
-        providers.resolve_for_training("openvino")
-    message = caught.value.message
-    assert "cannot train" in message and "CPU and CUDA only" in message
-    assert "openvino, cpu" in message
+        providers.resolve_for_training("acme")
+    assert "inference-only" in caught.value.message
     assert "--provider cpu" in caught.value.hint
 
 
@@ -115,7 +130,7 @@ def test_training_on_cuda_merges_options_and_keeps_cpu_fallback(fake_ort):
     fake_ort("CUDAExecutionProvider", "CPUExecutionProvider")
     resolved = providers.resolve_for_training("cuda:device_id=1")
     assert resolved == [("CUDAExecutionProvider", {"device_id": "1"}), ("CPUExecutionProvider", {})]
-    assert providers.training_device("cuda", {"device_id": 2}) == "cuda:2"
+    assert providers.resolve_for_training("cuda", {"device_id": 2})[0] == ("CUDAExecutionProvider", {"device_id": "2"})
 
 
 def test_ort_provider_names_are_accepted(fake_ort):
@@ -167,15 +182,12 @@ def test_register_custom_fpga_provider(fake_ort):
         ("AcmeFpgaExecutionProvider", {"bitstream": "/lib/acme/default.bit", "lanes": "8"}),
         ("CPUExecutionProvider", {}),
     ]
-    with pytest.raises(ProviderError, match="cannot train"):
-        providers.resolve_for_training("acme-fpga")
+    assert providers.resolve_for_training("acme-fpga")[0][0] == "AcmeFpgaExecutionProvider"
 
 
 def test_register_provider_guards():
     with pytest.raises(ValueError, match="already registered"):
         providers.register_provider("cpu", "CPUExecutionProvider")
-    with pytest.raises(ValueError, match="cannot train"):
-        providers.register_provider("acme", "AcmeExecutionProvider", can_train=True)
     with pytest.raises(ValueError, match="short name"):
         providers.register_provider("Bad Name", "AcmeExecutionProvider")
     replaced = providers.register_provider(
