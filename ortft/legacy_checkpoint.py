@@ -41,7 +41,7 @@ class OrtCheckpoint:
 
 def _fbs():
     try:
-        from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import Checkpoint
+        from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.Checkpoint import Checkpoint
     except ImportError as exc:  # an onnxruntime build without its tools folder
         raise RunError("this onnxruntime has no reader for ORT training checkpoints",
                        hint="install the stock onnxruntime package, or prepare and train anew") from exc
@@ -70,8 +70,18 @@ def _tensor(tensor, data_path: Path) -> tuple[str, np.ndarray]:
 
 
 def read_ort_checkpoint(path: Path | str) -> OrtCheckpoint:
-    """Every tensor and the AdamW state of an ORT training checkpoint file."""
+    """Every tensor and the AdamW state of an ORT training checkpoint file (a RunError if it is damaged)."""
     path = Path(path)
+    try:
+        return _read(path)
+    except RunError:
+        raise
+    except Exception as exc:  # flatbuffers reads past the end or into garbage: struct/index/unicode errors
+        raise RunError(f"{path} is a damaged ORT training checkpoint ({exc.__class__.__name__})",
+                       hint="use another checkpoint") from exc
+
+
+def _read(path: Path) -> OrtCheckpoint:
     buffer = bytearray(path.read_bytes())
     checkpoint_class = _fbs()
     if len(buffer) < 8 or not checkpoint_class.CheckpointBufferHasIdentifier(buffer, 0):
