@@ -93,6 +93,9 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     manifest = load_verified(bundle)  # raises BundleError listing damaged files
     require_stock_runtime(bundle, manifest)
     report.add("manifest hashes", True, f"{len(manifest['files'])} files match")
+    from .tokenizer_facts import tokenizer_checks  # special tokens agree with the source; round trip
+
+    report.checks.extend(tokenizer_checks(bundle, manifest))
     problems = check_graph_versions(bundle)
     report.add("IR version and opsets", not problems, "; ".join(problems) or f"IR <= {MAX_IR_VERSION}, opset <= {MAX_DEFAULT_OPSET}")
     problems = check_standard_ops(bundle)

@@ -40,6 +40,10 @@ def command(model_dir, prompt, chat, max_new_tokens, temperature, top_k, top_p, 
 
     settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     generator = open_generator(model_dir, checkpoint=checkpoint, provider=provider, threads=threads, verbose=verbose)
+    from ..tokenizer_facts import tokenizer_notes
+
+    for note in tokenizer_notes(generator.folder.tokenizer_dir.parent):  # the folder holding the manifest
+        click.echo(f"note: {note}", err=True)
     if not chat:
         _print_stream(generator, generator.stream_text(prompt, settings))
     elif prompt is not None:

@@ -224,6 +224,9 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             graph_io = _graph_io(loss_model)
         with reporter.stage("saving the tokenizer"):
             tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
+            from .gguf_tokenizer import tokenizer_source_facts  # where the special tokens came from (issue 19)
+
+            tokenizer_section["source_facts"] = tokenizer_source_facts(source, tokenizer)
         facts = _model_facts(model, hf_config, config.max_seq_len)
         if facts["pad_token_id"] is None and tokenizer.pad_token_id is not None:
             facts["pad_token_id"] = tokenizer.pad_token_id

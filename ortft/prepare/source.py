@@ -181,11 +181,20 @@ def _gguf_progress_hidden(hidden: bool):
 
 
 def load_tokenizer(source: ModelSource):
-    """The fast tokenizer of the source, saved later into the bundle for the device."""
+    """The fast tokenizer of the source, saved later into the bundle for the device.
+
+    A Hugging Face folder's tokenizer files are used as they are; a GGUF's tokenizer takes its special
+    tokens, BOS/EOS behaviour and decoder from the GGUF's own fields (see `gguf_tokenizer`).
+    """
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(str(source.folder), trust_remote_code=False, local_files_only=True, use_fast=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), trust_remote_code=False, local_files_only=True, use_fast=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{source.display}: no usable tokenizer: {exc}", hint="copy tokenizer.json and tokenizer_config.json into the model folder") from exc
+    if source.gguf_file:
+        from .gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(source.folder / source.gguf_file, tokenizer)
+    return tokenizer
