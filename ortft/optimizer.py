@@ -85,7 +85,7 @@ class AdamW:
 
     def clip(self, grad: np.ndarray) -> float:
         """Scale `grad` in place to the global norm bound; returns the norm before clipping."""
-        norm = float(np.sqrt(np.dot(grad.astype(np.float64, copy=False), grad.astype(np.float64, copy=False))))
+        norm = float(np.sqrt(np.dot(grad, grad)))  # float32 BLAS dot, as torch's float32 norm (float64: 50x slower)
         limit = self.settings.max_grad_norm
         if limit:
             coefficient = limit / (norm + CLIP_EPSILON)
@@ -103,7 +103,8 @@ class AdamW:
         if s.weight_decay:
             p *= np.float32(1.0 - lr * s.weight_decay)
         m *= np.float32(s.beta1)
-        m += np.float32(1.0 - s.beta1) * grad
+        np.multiply(grad, np.float32(1.0 - s.beta1), out=tmp)
+        m += tmp
         v *= np.float32(s.beta2)
         np.multiply(grad, grad, out=tmp)
         tmp *= np.float32(1.0 - s.beta2)
