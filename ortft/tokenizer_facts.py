@@ -68,27 +68,42 @@ def made_before_gguf_facts(folder: Path | str, manifest: dict) -> bool:
 
 
 def prepare_command(folder: Path | str, manifest: dict) -> str:
-    """The `ortft prepare` command that makes the bundle behind `folder` again (in place, with --force)."""
+    """The `ortft prepare` command that makes the bundle behind `folder` again, in place (--force).
+
+    It is the command the manifest recorded, with its options, but with the source model's absolute path
+    and the bundle's present folder (a bundle may have been moved or copied since).
+    """
     bundle_manifest = _bundle_manifest(Path(folder), manifest)
     if bundle_manifest is None:
         return "ortft prepare MODEL.gguf --out BUNDLE --force"
-    recorded = str((bundle_manifest.get("prepare") or {}).get("command") or "")
+    source = bundle_manifest.get("source") or {}
+    out = str(folder) if manifest is bundle_manifest else str((manifest.get("source") or {}).get("bundle") or "BUNDLE")
+    prepare = bundle_manifest.get("prepare") or {}
+    recorded = str(prepare.get("command") or "")
     try:
         words = shlex.split(recorded)
     except ValueError:
         words = recorded.split()
     program = Path(words[0]) if words else Path()
-    if len(words) >= 2 and words[1] == "prepare" and (program.name == "ortft" or program.parent.name == "ortft"):
+    if not (len(words) >= 2 and words[1] == "prepare" and (program.name == "ortft" or program.parent.name == "ortft")):
+        words = ["ortft", "prepare", "MODEL", "--out", out]
+        model_word = "MODEL"
+    else:
         words = ["ortft", *words[1:]]
-        if "--force" not in words:
-            words.append("--force")
-        return shlex.join(words)
-    source = bundle_manifest.get("source") or {}
-    model = Path(source.get("path") or "MODEL")
-    if source.get("gguf_file"):
-        model = model / source["gguf_file"]
-    out = folder if manifest is bundle_manifest else (manifest.get("source") or {}).get("bundle", "BUNDLE")
-    return shlex.join(["ortft", "prepare", str(model), "--out", str(out), "--force"])
+        model_word = str((prepare.get("config") or {}).get("model") or "")
+    model = Path(source["path"]) if source.get("path") else None
+    for index, word in enumerate(words):
+        if index >= 2 and word == model_word and model is not None:
+            gguf = source.get("gguf_file")
+            words[index] = str(model / gguf) if gguf and (word.endswith(".gguf") or model_word == "MODEL") else str(model)
+            model = None  # the first match only
+        elif index >= 1 and words[index - 1] == "--out":
+            words[index] = out
+        elif word.startswith("--out="):
+            words[index] = f"--out={out}"
+    if "--force" not in words:
+        words.append("--force")
+    return shlex.join(words)
 
 
 def tokenizer_notes(folder: Path | str, manifest: dict | None = None) -> list[str]:
@@ -103,12 +118,11 @@ def tokenizer_notes(folder: Path | str, manifest: dict | None = None) -> list[st
     model_eos = (manifest.get("model") or {}).get("eos_token_ids") or []
     what = "bundle" if manifest.get("format") == "ortft-bundle" else "model's bundle"
     then = "" if manifest.get("format") == "ortft-bundle" else ", then train and export again"
-    return [
-        f"this {what} was prepared from a GGUF before ortft took its tokenizer's special tokens from the GGUF: "
-        f"it ends texts with {eos!r}, not the model's EOS (id {', '.join(map(str, model_eos)) or '?'})"
-        f"{', and adds it as BOS to every text' if section.get('add_bos_token') else ''}; "
-        f"fix: `{prepare_command(folder, manifest)}`{then}"
-    ]
+    adds_bos = ", and adds it as BOS to every text" if section.get("add_bos_token") else ""
+    note = (f"this {what} was prepared from a GGUF before ortft took its tokenizer's special tokens from the GGUF: "
+            f"it ends texts with {eos!r}, not the model's EOS (id {', '.join(map(str, model_eos)) or '?'}){adds_bos}; "
+            f"fix: `{prepare_command(folder, manifest)}`{then}")
+    return [note]
 
 
 def _adds(tokenizer, token_id: int | None, first: bool) -> bool:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from prepare.tiny_gguf import write_tiny_gguf
 
 from ortft.tokenizer_facts import (
     ROUND_TRIP_CHECK,
@@ -22,7 +23,6 @@ from ortft.tokenizer_facts import (
     tokenizer_checks,
     tokenizer_notes,
 )
-from prepare.tiny_gguf import write_tiny_gguf
 
 RECORDED = "/home/me/.venv/bin/ortft prepare /models/tiny.gguf --out /bundles/tiny --rank 4"
 
@@ -54,7 +54,7 @@ def _bundle(folder: Path, gguf_path: Path, fixed: bool) -> tuple[Path, dict]:
         "source": {"path": str(gguf_path.parent), "gguf_file": gguf_path.name},
         "model": {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 2},
         "tokenizer": section,
-        "prepare": {"command": RECORDED},
+        "prepare": {"command": RECORDED, "config": {"model": "/models/tiny.gguf"}},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder, manifest
@@ -84,14 +84,15 @@ def test_a_fixed_gguf_bundle_passes(fixed):
     assert not made_before_gguf_facts(folder, manifest)
 
 
-def test_an_old_gguf_bundle_fails_with_the_command_that_fixes_it(old):
+def test_an_old_gguf_bundle_fails_with_the_command_that_fixes_it(old, gguf_path):
     folder, manifest = old
     ok, detail = _by_name(tokenizer_checks(folder, manifest))[SPECIAL_TOKENS_CHECK]
     assert not ok
     assert "'<|im_start|>'" in detail and "adds it as BOS" in detail
     notes = tokenizer_notes(folder)  # reads the manifest itself
     assert len(notes) == 1 and "\n" not in notes[0]
-    assert notes[0].endswith("`ortft prepare /models/tiny.gguf --out /bundles/tiny --rank 4 --force`")
+    # the recorded command, with the model's absolute path and the bundle's present folder
+    assert notes[0].endswith(f"`ortft prepare {gguf_path} --out {folder} --rank 4 --force`")
 
 
 def test_source_facts_that_disagree_with_the_tokenizer_fail(fixed):
@@ -157,18 +158,20 @@ def test_exports_of_old_bundles_get_the_note(old, tmp_path):
 def test_prepare_command_without_a_recorded_ortft_command(old):
     folder, manifest = old
     other = copy.deepcopy(manifest)
+    gguf = Path(other["source"]["path"]) / "tiny.gguf"
     other["prepare"]["command"] = "/usr/bin/pytest tests"
-    assert prepare_command(folder, other) == f"ortft prepare {Path(other['source']['path']) / 'tiny.gguf'} --out {folder} --force"
+    assert prepare_command(folder, other) == f"ortft prepare {gguf} --out {folder} --force"
     other["prepare"]["command"] = "python -m ortft prepare x --out y"
-    assert prepare_command(folder, other).startswith("ortft prepare ")
-    other["prepare"]["command"] = "/x/ortft/__main__.py prepare m.gguf --out b --force"
-    assert prepare_command(folder, other) == "ortft prepare m.gguf --out b --force"
+    assert prepare_command(folder, other) == f"ortft prepare {gguf} --out {folder} --force"
+    other["prepare"] = {"command": "/x/ortft/__main__.py prepare models --out=b --dora --force", "config": {"model": "models"}}
+    assert prepare_command(folder, other) == f"ortft prepare {gguf.parent} --out={folder} --dora --force"
 
 
 def test_generate_prints_the_note_for_an_old_gguf_bundle(tmp_path, capsys):
     """`ortft generate BUNDLE` (the bundle's base model) says how to fix a bundle prepared before the fix."""
-    from ortft.cli import main
     from tiny_bundle import build_bundle
+
+    from ortft.cli import main
 
     bundle = build_bundle(tmp_path / "bundle", "llama", seed=1).bundle_dir
     main(["generate", str(bundle), "--prompt", "hello", "--max-new-tokens", "2", "--threads", "1"])
@@ -180,3 +183,25 @@ def test_generate_prints_the_note_for_an_old_gguf_bundle(tmp_path, capsys):
     main(["generate", str(bundle), "--prompt", "hello", "--max-new-tokens", "2", "--threads", "1"])
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "--force`" in err
+
+
+def test_train_prints_the_note_for_an_old_gguf_bundle_only(gguf_path, tmp_path):
+    """A real (tiny) bundle prepared from a GGUF trains without a note; with its source facts removed, as a
+    bundle prepared before the fix has none, `train` prints the note and the command (and still trains)."""
+    from prepare.helpers import prepare_tiny
+    from train_helpers import FAST, ok, run_ortft, write_text_data
+
+    bundle = tmp_path / "bundle"
+    prepare_tiny(gguf_path, bundle)
+    data = write_text_data(tmp_path / "train.jsonl", 8)
+    command = ("train", bundle, "--data", data, *FAST, "--steps", "1", "--eval-every", "100", "--save-every", "100")
+    result = ok(run_ortft(*command, "--out", tmp_path / "run-new"))
+    assert "ortft prepare" not in result.stderr
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["tokenizer"]["source_facts"]
+    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    result = ok(run_ortft(*command[:1], old, *command[2:], "--out", tmp_path / "run-old"))
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ") and "GGUF" in line]
+    assert len(notes) == 1 and "ortft prepare" in notes[0] and "--force`" in notes[0]

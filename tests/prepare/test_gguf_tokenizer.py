@@ -19,7 +19,8 @@ from ortft.prepare.gguf_tokenizer import tokenizer_source_facts
 from ortft.prepare.pipeline import _save_tokenizer
 from ortft.tokenizer import load_tokenizer
 from ortft.tokenizer_facts import ROUND_TRIP_TEXTS
-from .tiny_gguf import write_tiny_gguf
+
+from .tiny_gguf import write_tiny_gguf, write_tiny_spm_gguf
 
 TWO_TURNS = [{"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "It is 42."}]
 
@@ -149,6 +150,40 @@ def test_a_hugging_face_folder_keeps_its_tokenizer(tiny_llama, tmp_path):
         assert saved[key] == original[key], key
     device = _saved(tokenizer, tmp_path / "tokenizer")
     assert device.encode("hello")[0] == 1  # its own post-processor's BOS stays
+
+
+def test_prepare_from_a_gguf_records_the_facts_and_validates(gguf_factory, tmp_path):
+    from ortft.validate import validate_bundle
+
+    from .helpers import prepare_tiny
+
+    manifest = prepare_tiny(gguf_factory(), tmp_path / "bundle")
+    section = manifest["tokenizer"]
+    assert (section["eos_token"], section["bos_token"], section["add_bos_token"]) == ("<|im_end|>", "<|im_start|>", False)
+    assert section["source_facts"]["facts_from"] == "gguf" and section["source_facts"]["eos_token_id"] == 2
+    assert manifest["model"]["eos_token_ids"] == [2]
+    checks = {name: ok for name, ok, _detail in validate_bundle(tmp_path / "bundle", threads=1, train_step=False).checks}
+    assert checks["tokenizer special tokens match the source"] and checks["tokenizer round trip"]
+    assert sorted(p.name for p in (tmp_path / "bundle" / "tokenizer").iterdir()) == [
+        "chat_template.jinja", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("add_bos", [None, False])
+def test_a_sentencepiece_gguf_keeps_its_decoder_and_gets_its_own_eos(add_bos, tmp_path):
+    """`tokenizer.ggml.model = llama`: EOS </s> (the converter says <s>); BOS as the GGUF says (absent: added)."""
+    path = write_tiny_spm_gguf(tmp_path / "spm.gguf", add_bos_token=add_bos)
+    tokenizer = _tokenizer(path)
+    assert (tokenizer.eos_token, tokenizer.bos_token) == ("</s>", "<s>")
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert [step["type"] for step in state["decoder"]["decoders"]] == ["ByteFallback", "Fuse", "Replace", "Strip"]
+    device = _saved(tokenizer, tmp_path / "tokenizer")
+    adds_bos = add_bos is None  # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise
+    assert (device.encode("hello world")[0] == 1) is adds_bos
+    text = "hello world café 123\n  x"
+    assert device.decode(device.encode(text)) == text
+    assert device.decode(device.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
+    example = _text_example(device, "hello world")
+    assert example.labels[-1] == 2 and example.input_ids.count(1) == int(adds_bos)
 
 
 def test_an_eos_id_outside_the_vocabulary_is_a_user_error(gguf_factory):

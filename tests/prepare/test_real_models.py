@@ -19,6 +19,9 @@ def test_smollm2_gguf_bundle_validates(smollm2_bundle):
     assert manifest["source"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert manifest["model"]["num_layers"] == 30
     assert manifest["tokenizer"]["chat_template"]
+    # the GGUF's own special tokens (issue 19), not transformers' converter's (eos <|im_start|>, BOS added)
+    assert (manifest["tokenizer"]["eos_token"], manifest["tokenizer"]["add_bos_token"]) == ("<|im_end|>", False)
+    assert manifest["tokenizer"]["source_facts"]["facts_from"] == "gguf" and manifest["model"]["eos_token_ids"] == [2]
     # transformers saves a GGUF-loaded tokenizer's "vocab file" (the whole GGUF) as tokenizer.model
     assert sorted(p.name for p in (smollm2_bundle / "tokenizer").iterdir()) == [
         "chat_template.jinja", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]

@@ -102,3 +102,39 @@ def write_tiny_gguf(path: Path, model_dir: Path, *, bos_token_id: int = 1, eos_t
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_spm_gguf(path: Path, *, add_bos_token: bool | None = None) -> Path:
+    """A tokenizer-only llama GGUF with a SentencePiece (`tokenizer.ggml.model = llama`) vocabulary:
+    <unk> <s> </s>, the 256 byte-fallback tokens, then a few scored pieces; no tensors (enough for tokenizers)."""
+    import gguf
+
+    pieces = ["▁", "▁h", "▁w", "e", "l", "o", "r", "d", "h", "w", "ll", "llo", "ello", "▁hello", "or", "orld",
+              "▁world", "c", "a", "f", "é", "▁c", "▁ca", "▁caf", "▁café", "1", "2", "3"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), *pieces]
+    types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL),
+             *[int(gguf.TokenType.BYTE)] * 256, *[int(gguf.TokenType.NORMAL)] * len(pieces)]
+    scores = [0.0] * (3 + 256) + [-float(rank) for rank in range(len(pieces))]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_space_prefix(True)
+    if add_bos_token is not None:
+        writer.add_add_bos_token(add_bos_token)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
