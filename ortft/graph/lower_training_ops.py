@@ -26,6 +26,10 @@ shape S, `zeros(S)` is ConstantOfShape(S)):
   (duplicates add up; negative indices i + d): axis 0: ScatterND(zeros(shape), i[..., None], dY,
   reduction=add); other axes: the same on dY viewed as [P, N, Q] and transposed to [N, P, Q].
 - GatherElementsGrad(dY, shape, indices; axis) -> ScatterElements(zeros(shape), i, dY, axis, reduction=add).
+- GatherNDGrad(shape, indices, dY; batch_dims = 0) -> ScatterND(zeros(shape), i, dY, reduction=add).
+- BroadcastGradientArgs(shape_a, shape_b) -> (axes_a, axes_b): the axes (of the broadcast result,
+  descending) along which each input was broadcast: the leading axes the shorter shape lacks, and the
+  aligned axes where the dims differ and that input's is 1.
 - SoftmaxGrad_13(dY, Y; axis) -> Y * (dY - ReduceSum(dY * Y, axis)); SoftmaxGrad (opset < 13 Softmax):
   the same on the 2-D view Flatten(., axis).
 - LogSoftmaxGrad_13(dY, Y; axis) -> dY - Exp(Y) * ReduceSum(dY, axis); LogSoftmaxGrad: on Flatten(., axis).
@@ -40,7 +44,7 @@ shape S, `zeros(S)` is ConstantOfShape(S)):
 - FastGeluGrad(dY, X) -> with a = sqrt(2 / pi), t = tanh(a X + a 0.044715 X^3):
   dY * 0.5 * (1 + t + (1 - t^2) * (a X + 3 * 0.044715 a X^3)); BiasFastGeluGrad_dX: at X + b.
 - SigmoidGrad(dY, Y) -> dY * Y * (1 - Y); TanhGrad(dY, Y) -> dY * (1 - Y^2);
-  ReluGrad(dY, X) -> Where(X > 0, dY, 0).
+  ReluGrad(dY, X or Y) -> Where(X > 0, dY, 0); LeakyReluGrad(dY, Y; alpha) -> Where(Y > 0, dY, alpha * dY).
 - DivGrad(dY, A, B) -> dA = reduce_to(dY / B, shape A), dB = reduce_to(-(dY * A) / (B * B), shape B).
 - DropoutGrad(dY, mask, ratio = 0.5, training_mode = false) -> training: dY * mask / (1 - ratio);
   inference (the forward Dropout dropped nothing): dY. The training build's kernel ignores training_mode
@@ -86,6 +90,10 @@ STOCK_CONTRIB_OPS = {
         "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "TransposeMatMul", "Trilu", "Unique",
     }),
 }
+# Ops outside ONNX's standard that stock onnxruntime registers in the default domain.
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "Affine", "Crop", "DynamicSlice", "ImageScaler",
+                                     "ParametricSoftplus", "Scale", "ScaledTanh"})
+STOCK_DEFAULT_DOMAIN_EXTRAS = {"": _ORT_DEFAULT_DOMAIN_OPS, "ai.onnx": _ORT_DEFAULT_DOMAIN_OPS}
 ACCUMULATOR = "InPlaceAccumulatorV2"
 BUFFER_SUFFIX = "_grad.accumulation.buffer"
 RESET_INPUT = "lazy_reset_grad"
@@ -95,11 +103,19 @@ SCATTER_REDUCTION_OPSET = 16  # ScatterND / ScatterElements reduction="add"
 
 
 def training_only_ops(model) -> collections.Counter:
-    """(domain, op_type) -> count of the nodes stock onnxruntime has no kernel for (subgraphs included)."""
+    """(domain, op_type) -> count of the nodes stock onnxruntime has no kernel for (subgraphs included):
+    ops of other domains than ONNX's unless STOCK_CONTRIB_OPS lists them, and default-domain ops that are
+    neither ONNX's nor one of the few ORT registers there (the training build's SinGrad, say)."""
+    from onnx import defs
+
     left: collections.Counter = collections.Counter()
     for node in _all_nodes(model.graph):
         domain = node.domain or ""
-        if domain in DEFAULT_DOMAINS or node.op_type in STOCK_CONTRIB_OPS.get(domain, ()):
+        if domain in DEFAULT_DOMAINS:
+            standard_domain = "" if domain == "ai.onnx" else domain
+            if defs.has(node.op_type, standard_domain) or node.op_type in STOCK_DEFAULT_DOMAIN_EXTRAS.get(domain, ()):
+                continue
+        elif node.op_type in STOCK_CONTRIB_OPS.get(domain, ()):
             continue
         left[(domain, node.op_type)] += 1
     return left
@@ -176,7 +192,8 @@ class _Context:
         for tensor in self.graph.initializer:
             self.types.setdefault(tensor.name, (tensor.data_type, list(tensor.dims)))
         self.constant_nodes = {node.output[0]: node for node in self.graph.node if node.op_type == "Constant"}
-        self.names = set(self.types) | {name for node in self.graph.node for name in list(node.input) + list(node.output)}
+        self.names = set(self.types)
+        self.names |= {name for node in self.graph.node for name in list(node.input) + list(node.output)}
         self.names |= {node.name for node in self.graph.node}
         self.new_initializers = []
         self._constants = {}
@@ -246,7 +263,8 @@ class _Builder:
         if isinstance(outputs, int):
             outputs = [self.context.fresh(f"{self.prefix}/{op_type}") for _ in range(outputs)]
         name = self.context.fresh(f"{self.prefix}/{op_type}_node")
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain, **attributes))
+        node = helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain, **attributes)
+        self.nodes.append(node)
         return list(outputs)
 
     def ints(self, values) -> str:
@@ -327,7 +345,8 @@ def _output(node, index: int) -> str | None:
 
 def _require_opset(builder: _Builder, minimum: int, what: str) -> None:
     if builder.opset < minimum:
-        raise RuntimeError(f"lowering {builder.node.op_type} needs {what} (opset >= {minimum}); the graph has opset {builder.opset}")
+        raise RuntimeError(f"lowering {builder.node.op_type} needs {what} (opset >= {minimum}); "
+                           f"the graph has opset {builder.opset}")
 
 
 # --- InPlaceAccumulatorV2: the graph outputs this micro-batch's gradients ------------------------------
@@ -352,7 +371,8 @@ def remove_accumulators(context: _Context) -> int:
         if gradient != gradient_name:
             if gradient_name in context.names:
                 raise RuntimeError(f"{ACCUMULATOR} {node.name}: {gradient_name} names another tensor")
-            aliases.append(helper.make_node("Identity", [gradient], [gradient_name], name=context.fresh(gradient_name + "/alias")))
+            alias = context.fresh(gradient_name + "/alias")
+            aliases.append(helper.make_node("Identity", [gradient], [gradient_name], name=alias))
             context.names.add(gradient_name)
         value = helper.make_tensor_value_info(gradient_name, parameter.type.tensor_type.elem_type, None)
         value.type.tensor_type.shape.CopyFrom(parameter.type.tensor_type.shape)
@@ -360,7 +380,8 @@ def remove_accumulators(context: _Context) -> int:
             replacement_outputs[flag] = value
     consumed = {name for node in graph.node if node not in accumulators for name in node.input}
     if consumed & set(replacement_outputs):
-        raise RuntimeError(f"{ACCUMULATOR}'s outputs are read by other nodes: {sorted(consumed & set(replacement_outputs))[:3]}")
+        read = sorted(consumed & set(replacement_outputs))
+        raise RuntimeError(f"{ACCUMULATOR}'s outputs are read by other nodes: {read[:3]}")
     outputs = [replacement_outputs.get(value.name, value) for value in graph.output]
     kept_nodes = [node for node in graph.node if node not in accumulators]
     still_read = {name for node in kept_nodes + aliases for name in node.input}
@@ -484,7 +505,8 @@ def _slice_grad_unit_steps(node, b: _Builder, steps: list[int], axes_name: str |
         lo = b.op("Where", [mask, lo_reversed, lo])
         reversed_axes = b.op("Gather", [axes, b.ints(negative)], axis=0)
         count = len(negative)
-        d_y = b.op("Slice", [d_y, b.ints([-1] * count), b.ints([INT64_MIN] * count), reversed_axes, b.ints([-1] * count)])
+        backwards = b.ints([-1] * count)
+        d_y = b.op("Slice", [d_y, backwards, b.ints([INT64_MIN] * count), reversed_axes, backwards])
     lengths = b.op("Gather", [b.op("Shape", [d_y]), axes], axis=0)
     after = b.op("Sub", [b.op("Sub", [dims, lo]), lengths])
     zeros = b.op("ConstantOfShape", [b.op("Mul", [rank, b.ints([2])])],
@@ -561,6 +583,40 @@ def lower_gather_elements_grad(node, b: _Builder) -> None:
     size = b.op("Gather", [shape, b.ints([axis])], axis=0)
     indices = b.normalize_indices(indices, size)
     b.op("ScatterElements", [b.zeros(shape, d_y), indices, d_y], node.output[0], axis=axis, reduction="add")
+
+
+def lower_gather_nd_grad(node, b: _Builder) -> None:
+    _require_opset(b, SCATTER_REDUCTION_OPSET, "ScatterND reduction='add'")
+    if _attribute(node, "batch_dims", 0):
+        raise RuntimeError(f"{node.op_type} {node.name}: batch_dims > 0 is not supported")
+    shape, indices, d_y = node.input[0], b.as_int64(node.input[1]), node.input[2]
+    depth = b.op("Gather", [b.op("Shape", [indices]), b.ints([-1])], axis=0)
+    sizes = b.op("Slice", [shape, b.ints([0]), depth])
+    b.op("ScatterND", [b.zeros(shape, d_y), b.normalize_indices(indices, sizes), d_y], node.output[0], reduction="add")
+
+
+def lower_broadcast_gradient_args(node, b: _Builder) -> None:
+    """The kernel's loop, vectorized over the axes of the broadcast result."""
+    shapes = [b.as_int64(node.input[0]), b.as_int64(node.input[1])]
+    ranks = [b.op("Shape", [shape]) for shape in shapes]
+    rank = b.op("Max", ranks)
+    index = b.op("Range", [b.ints(0), b.op("Squeeze", [rank, b.ints([0])]), b.ints(1)])
+    one = helper.make_tensor("value", TensorProto.INT64, [1], [1])
+    padded, missing = [], []
+    for shape, own_rank in zip(shapes, ranks):
+        lacking = b.op("Sub", [rank, own_rank])
+        padded.append(b.op("Concat", [b.op("ConstantOfShape", [lacking], value=one), shape], axis=0))
+        missing.append(b.op("Less", [index, lacking]))
+    differ = b.op("Not", [b.op("Equal", padded)])
+    is_one = [b.op("Equal", [dims, b.ints(1)]) for dims in padded]
+    both = b.op("And", [b.op("Not", [missing[0]]), b.op("Not", [missing[1]])])
+    both_differ = b.op("And", [both, differ])
+    reduce_a = b.op("And", [both_differ, is_one[0]])
+    reduce_b = b.op("And", [both_differ, b.op("And", [b.op("Not", [is_one[0]]), is_one[1]])])
+    for own_missing, reduce, out in zip(missing, (reduce_a, reduce_b), (_output(node, 0), _output(node, 1))):
+        if out:
+            axes = b.op("Reshape", [b.op("NonZero", [b.op("Or", [own_missing, reduce])]), b.ints([-1])])
+            b.op("Slice", [axes, b.ints([-1]), b.ints([INT64_MIN]), b.ints([0]), b.ints([-1])], out)
 
 
 # --- softmax -------------------------------------------------------------------------------------------
@@ -671,7 +727,8 @@ def lower_bias_gelu_grad(node, b: _Builder) -> None:
 def _gelu_grad(node, b: _Builder, x: str) -> None:
     """dY * (Phi(x) + x phi(x)): 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)."""
     d_y = node.input[0]
-    cdf = b.op("Mul", [b.scalar(0.5, x), b.op("Add", [b.scalar(1.0, x), b.op("Erf", [b.op("Mul", [x, b.scalar(math.sqrt(0.5), x)])])])])
+    erf = b.op("Erf", [b.op("Mul", [x, b.scalar(math.sqrt(0.5), x)])])
+    cdf = b.op("Mul", [b.scalar(0.5, x), b.op("Add", [b.scalar(1.0, x), erf])])
     density = b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.scalar(-0.5, x)])])
     slope = b.op("Add", [cdf, b.op("Mul", [b.op("Mul", [x, b.scalar(1.0 / math.sqrt(2.0 * math.pi), x)]), density])])
     b.op("Mul", [d_y, slope], node.output[0])
@@ -709,6 +766,13 @@ def lower_tanh_grad(node, b: _Builder) -> None:
     b.op("Mul", [d_y, b.op("Sub", [b.scalar(1.0, y), b.op("Mul", [y, y])])], node.output[0])
 
 
+def lower_leaky_relu_grad(node, b: _Builder) -> None:
+    d_y, y = node.input[0], node.input[1]
+    alpha = float(_attribute(node, "alpha", 0.01))
+    leaked = b.op("Mul", [d_y, b.scalar(alpha, d_y)])
+    b.op("Where", [b.op("Greater", [y, b.scalar(0.0, y)]), d_y, leaked], node.output[0])
+
+
 def lower_relu_grad(node, b: _Builder) -> None:
     d_y, x = node.input[0], node.input[1]
     b.op("Where", [b.op("Greater", [x, b.scalar(0.0, x)]), d_y, b.scalar(0.0, d_y)], node.output[0])
@@ -735,7 +799,8 @@ def lower_scale(node, b: _Builder) -> None:
 
 def lower_reduce_sum_training(node, b: _Builder) -> None:
     _require_opset(b, 13, "ReduceSum's axes as an input")
-    attributes = {name: _attribute(node, name) for name in ("keepdims", "noop_with_empty_axes") if _attribute(node, name) is not None}
+    attributes = {name: _attribute(node, name) for name in ("keepdims", "noop_with_empty_axes")
+                  if _attribute(node, name) is not None}
     inputs = [node.input[0]] + ([b.as_int64(node.input[1])] if _input(node, 1) else [])
     b.op("ReduceSum", inputs, node.output[0], **attributes)
 
@@ -782,7 +847,10 @@ def lower_softmax_cross_entropy_loss_grad(node, b: _Builder) -> None:
         weights = b.op("Mul", [weights, mask]) if weights else mask
     factor = d_y
     if reduction == "mean":
-        total = b.reduce("ReduceSum", weights, None, keepdims=0) if weights else b.op("Cast", [b.op("Size", [label])], to=b.context.elem_type(log_prob))
+        if weights:
+            total = b.reduce("ReduceSum", weights, None, keepdims=0)
+        else:
+            total = b.op("Cast", [b.op("Size", [label])], to=b.context.elem_type(log_prob))
         is_zero = b.op("Equal", [total, b.scalar(0.0, log_prob)])
         factor = b.op("Div", [d_y, b.op("Where", [is_zero, b.scalar(1.0, log_prob), total])])
     if weights:
@@ -811,6 +879,8 @@ LOWERINGS = {
     (MS_DOMAIN, "SliceGrad"): lower_slice_grad,
     (MS_DOMAIN, "GatherGrad"): lower_gather_grad,
     (MS_DOMAIN, "GatherElementsGrad"): lower_gather_elements_grad,
+    (MS_DOMAIN, "GatherNDGrad"): lower_gather_nd_grad,
+    (MS_DOMAIN, "BroadcastGradientArgs"): lower_broadcast_gradient_args,
     (MS_DOMAIN, "SoftmaxGrad_13"): lower_softmax_grad_13,
     (MS_DOMAIN, "SoftmaxGrad"): lower_softmax_grad,
     (MS_DOMAIN, "LogSoftmaxGrad_13"): lower_log_softmax_grad_13,
@@ -825,6 +895,7 @@ LOWERINGS = {
     (MS_DOMAIN, "SigmoidGrad"): lower_sigmoid_grad,
     (MS_DOMAIN, "TanhGrad"): lower_tanh_grad,
     (MS_DOMAIN, "ReluGrad"): lower_relu_grad,
+    (MS_DOMAIN, "LeakyReluGrad"): lower_leaky_relu_grad,
     (MS_DOMAIN, "DivGrad"): lower_div_grad,
     (MS_DOMAIN, "Scale"): lower_scale,
     (MS_DOMAIN, "ReduceSumTraining"): lower_reduce_sum_training,

@@ -62,6 +62,18 @@ def run_reference_many(jobs: list, config: dict | None = None) -> list:
         return [_read_outputs(scratch / f"out{index}.npz", names) for index, names in enumerate(all_names)]
 
 
+def build_training_graph(loss_graph: Path, directory: Path, requires_grad: list[str]) -> Path:
+    """ORT's gradient builder (the training build) on `loss_graph`: returns directory/training_model.onnx."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jobs = directory / "generate.json"
+    jobs.write_text(json.dumps([{"generate": str(loss_graph), "directory": str(directory),
+                                 "requires_grad": list(requires_grad)}]), encoding="utf-8")
+    result = subprocess.run([reference_python(), str(WORKER), str(jobs)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ReferenceError(f"ORT's gradient builder failed:\n{result.stderr[-3000:]}")
+    return directory / "training_model.onnx"
+
+
 def run_local(model, feeds: dict, names: list[str] | None = None, config: dict | None = None) -> dict[str, np.ndarray]:
     """The same with this process's onnxruntime (one thread)."""
     import onnxruntime

@@ -23,6 +23,7 @@ from ortft.graph.lower_training_ops import (
 from .reference_runtime import (
     EXACT_CONFIG,
     ReferenceError,
+    build_training_graph,
     run_local,
     run_reference,
     run_reference_many,
@@ -134,6 +135,34 @@ def _gather_elements_grad(data_shape, indices, axis):
     inputs = [("dY", d_y, "input"), ("shape", np.array(data_shape, np.int64), "input"), ("indices", indices, "input")]
     model = one_node_model("GatherElementsGrad", inputs, {"dX": FLOAT}, axis=axis)
     return model, feeds_of(inputs), {"dX": expected}
+
+
+def _gather_nd_grad(data_shape, indices):
+    indices = np.asarray(indices, np.int64)
+    depth = indices.shape[-1]
+    d_y = _normal(indices.shape[:-1] + tuple(data_shape[depth:]), seed=29)
+    expected = np.zeros(data_shape, np.float32)
+    for position in np.ndindex(indices.shape[:-1]):
+        expected[tuple(int(i) for i in indices[position])] += d_y[position]
+    inputs = [("shape", np.array(data_shape, np.int64), "input"), ("indices", indices, "input"), ("dY", d_y, "input")]
+    return one_node_model("GatherNDGrad", inputs, {"dX": FLOAT}), feeds_of(inputs), {"dX": expected}
+
+
+def _broadcast_gradient_args(a_shape, b_shape):
+    """The kernel's own loop in numpy: axes of the broadcast result, descending."""
+    rank = max(len(a_shape), len(b_shape))
+    a_axes, b_axes = [], []
+    for k in range(rank - 1, -1, -1):
+        i, j = k - (rank - len(a_shape)), k - (rank - len(b_shape))
+        if i < 0:
+            a_axes.append(k)
+        elif j < 0:
+            b_axes.append(k)
+        elif a_shape[i] != b_shape[j]:
+            (a_axes if a_shape[i] == 1 else b_axes).append(k)
+    inputs = [("a_shape", np.array(a_shape, np.int64), "input"), ("b_shape", np.array(b_shape, np.int64), "input")]
+    model = one_node_model("BroadcastGradientArgs", inputs, {"a_axes": INT64, "b_axes": INT64})
+    return model, feeds_of(inputs), {"a_axes": np.array(a_axes, np.int64), "b_axes": np.array(b_axes, np.int64)}
 
 
 def _softmax(x, axis):
@@ -357,6 +386,12 @@ OP_CASES = {
     "GatherElementsGrad-axis1": lambda: _gather_elements_grad((4, 6), [[5], [-1], [0], [-6]], 1),
     "GatherElementsGrad-axis0-duplicates": lambda: _gather_elements_grad((3, 4), [[0, 2, -1, 1], [0, -3, 2, 1]], 0),
     "GatherElementsGrad-axis-minus1": lambda: _gather_elements_grad((2, 3, 4), np.array([[[3, -1]] * 3] * 2), -1),
+    "GatherNDGrad-duplicates-negative": lambda: _gather_nd_grad((4, 3, 2), [[0, 1], [-1, 2], [0, 1], [3, -2]]),
+    "GatherNDGrad-full-coordinates": lambda: _gather_nd_grad((3, 4, 2), [[[0, 1, 1], [2, 3, 0]], [[0, 1, 1], [-1, -1, -1]]]),
+    "BroadcastGradientArgs-trailing": lambda: _broadcast_gradient_args([2, 3, 4], [4]),
+    "BroadcastGradientArgs-ones-both-ways": lambda: _broadcast_gradient_args([1, 3, 1], [5, 1, 4]),
+    "BroadcastGradientArgs-shorter-first": lambda: _broadcast_gradient_args([3], [2, 1, 3]),
+    "BroadcastGradientArgs-same-shape": lambda: _broadcast_gradient_args([2, 1], [2, 1]),
     # softmax family
     "SoftmaxGrad_13-last-axis": lambda: _softmax_grad("SoftmaxGrad_13", (2, 3, 5), -1),
     "SoftmaxGrad_13-axis1": lambda: _softmax_grad("SoftmaxGrad_13", (2, 4, 3), 1),
@@ -378,6 +413,9 @@ OP_CASES = {
                                             uses_output=True),
     "TanhGrad": lambda: _activation_grad("TanhGrad", _Slope(lambda x: 1 - np.tanh(x) ** 2, np.tanh), uses_output=True),
     "ReluGrad": lambda: _activation_grad("ReluGrad", _Slope(lambda x: (x > 0).astype(np.float32))),
+    "LeakyReluGrad": lambda: _activation_grad("LeakyReluGrad", _Slope(lambda x: np.where(x > 0, 1.0, 0.1),
+                                                                      lambda x: np.where(x > 0, x, 0.1 * x).astype(np.float32)),
+                                              uses_output=True, alpha=0.1),
     # arithmetic and reductions
     "DivGrad-same-shape": lambda: _div_grad((3, 4), (3, 4)),
     "DivGrad-broadcast": lambda: _div_grad((2, 1, 4), (3, 1)),
@@ -530,8 +568,12 @@ def test_training_only_ops_lists_what_stock_cannot_run():
     model = one_node_model("SliceGrad", [("dY", _normal((2,)), "input")], {"dX": FLOAT})
     model.graph.node.extend([helper.make_node("FusedMatMul", ["a", "b"], ["c"], domain=MS),
                              helper.make_node("Adam", ["r"], ["s"], domain="ai.onnx.preview.training"),
-                             helper.make_node("Relu", ["c"], ["d"])])
-    assert training_only_ops(model) == {(MS, "SliceGrad"): 1, ("ai.onnx.preview.training", "Adam"): 1}
+                             helper.make_node("Relu", ["c"], ["d"]),
+                             helper.make_node("SimplifiedLayerNormalization", ["d", "w"], ["e"]),
+                             helper.make_node("SinGrad", ["e", "d"], ["f"]),
+                             helper.make_node("SinGrad", ["f", "d"], ["g"], domain="ai.onnx")])
+    assert training_only_ops(model) == {(MS, "SliceGrad"): 1, ("ai.onnx.preview.training", "Adam"): 1, ("", "SinGrad"): 1,
+                                        ("ai.onnx", "SinGrad"): 1}
 
 
 def test_an_op_it_cannot_lower_raises():
@@ -571,6 +613,82 @@ def test_training_dropout_survives_stock_dropout_elimination():
     actual = run_local(lowered, {"x": x})["z"]
     assert 0.1 < float((actual == 0).mean()) < 0.4
     np.testing.assert_array_equal(actual, reference)
+
+
+# --- a whole training graph of many op types ------------------------------------------------------------
+
+
+def _op_zoo_loss_graph():
+    """A loss graph whose gradient graph holds ~20 training-only op types beyond the bundles' (ORT's own
+    builder makes it): activations, both layer norms, dropout, division, softmaxes, split/concat,
+    strided and reversed slices, the three gathers and the fused cross-entropy."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    def const(name, value, dtype=np.float32):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "W1"], ["h1"]), node("Add", ["h1", "b1"], ["h1b"]),
+        node("LeakyRelu", ["h1b"], ["h2"], alpha=0.1), node("Relu", ["h2"], ["h3"]),
+        node("Sigmoid", ["h1b"], ["s1"]), node("Tanh", ["h1b"], ["t1"]), node("Add", ["s1", "t1"], ["st"]),
+        node("Gelu", ["st"], ["g1"], domain=MS), node("FastGelu", ["g1"], ["g2"], domain=MS),
+        node("BiasGelu", ["g2", "b2"], ["g3"], domain=MS), node("QuickGelu", ["g3"], ["g4"], domain=MS, alpha=1.702),
+        node("Add", ["g4", "h3"], ["h4"]),
+        node("LayerNormalization", ["h4", "ln_w", "ln_b"], ["ln", "ln_mean", "ln_inv"], axis=-1, epsilon=1e-5),
+        node("Pow", ["ln", "two"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+        node("Add", ["ms", "eps"], ["mse"]), node("Sqrt", ["mse"], ["rt"]), node("Reciprocal", ["rt"], ["inv"]),
+        node("Mul", ["ln", "inv"], ["nrm"]), node("Mul", ["nrm", "rms_w"], ["rms"]),
+        node("Dropout", ["rms", "ratio", "training"], ["d1", "m1"], seed=5),
+        node("Div", ["d1", "W5"], ["dv"]),
+        node("Softmax", ["dv"], ["sm"], axis=-1), node("LogSoftmax", ["dv"], ["lsm"], axis=-1), node("Mul", ["sm", "lsm"], ["p1"]),
+        node("Split", ["p1", "split"], ["sp1", "sp2"], axis=1), node("Concat", ["sp2", "sp1", "W6"], ["cat"], axis=1),
+        node("Slice", ["cat", "s_start", "s_end", "axis1", "s_steps"], ["sl"]),  # every other column
+        node("Slice", ["cat", "r_start", "r_end", "axis0", "r_steps"], ["rv"]),  # the rows reversed
+        node("Concat", ["sl", "rv"], ["slr"], axis=1),
+        node("Gather", ["slr", "gidx"], ["ga"], axis=1), node("GatherElements", ["slr", "geidx"], ["ge"], axis=1),
+        node("GatherND", ["slr", "gndidx"], ["gnd"]), node("Unsqueeze", ["gnd", "axis0"], ["gndu"]),
+        node("Expand", ["gndu", "eshape"], ["gnde"]), node("Concat", ["ga", "ge", "gnde"], ["feat"], axis=1),
+        node("MatMul", ["feat", "W2"], ["logits"]),
+        node("SoftmaxCrossEntropyLoss", ["logits", "labels"], ["ce", "lp"], reduction="mean", ignore_index=-100),
+        node("ReduceMean", ["lp"], ["lpm"], axes=[1], keepdims=0), node("ReduceSum", ["lpm"], ["aux"], keepdims=0),
+        node("Add", ["ce", "aux"], ["loss"]),
+    ]
+    initializers = [
+        weight("W1", (4, 8)), weight("b1", (8,)), weight("b2", (8,)), weight("ln_w", (8,)), weight("ln_b", (8,)),
+        weight("rms_w", (8,)), weight("W6", (2, 4)), weight("W2", (9, 3)),
+        numpy_helper.from_array((np.abs(rng.standard_normal(8)) + 0.5).astype(np.float32), "W5"),
+        const("ratio", 0.2), const("training", True, np.bool_), const("two", 2.0), const("eps", 1e-6),
+        const("split", [3, 5], np.int64), const("axis0", [0], np.int64), const("axis1", [1], np.int64),
+        const("s_start", [-11], np.int64), const("s_end", [INT64_MAX], np.int64), const("s_steps", [2], np.int64),
+        const("r_start", [-1], np.int64), const("r_end", [INT64_MIN + 1], np.int64), const("r_steps", [-1], np.int64),
+        const("gidx", [0, -1, 3, 0], np.int64), const("geidx", [[1, -2, 1], [0, 0, -1]], np.int64),
+        const("gndidx", [[0, 2], [1, -1]], np.int64), const("eshape", [2, 2], np.int64),
+    ]
+    graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info("x", FLOAT, ["batch", 4]),
+                                             helper.make_tensor_value_info("labels", INT64, ["batch"])],
+                              [helper.make_tensor_value_info("loss", FLOAT, [])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=8)
+
+
+ZOO_TRAINABLE = ["W1", "b1", "b2", "ln_w", "ln_b", "rms_w", "W5", "W6", "W2"]
+ZOO_OPS = {"BiasGeluGrad_dX", "ConcatTraining", "DivGrad", "DropoutGrad", "FastGeluGrad", "GatherElementsGrad", "GatherGrad",
+           "GatherNDGrad", "GeluGrad", "InPlaceAccumulatorV2", "LayerNormalizationGrad", "LeakyReluGrad", "LogSoftmaxGrad_13",
+           "QuickGeluGrad", "ReluGrad", "Scale", "SigmoidGrad", "SliceGrad", "SoftmaxCrossEntropyLossGrad", "SoftmaxGrad_13",
+           "SplitTraining", "TanhGrad"}
+
+
+def test_op_zoo_training_graph_gives_the_training_builds_loss_and_gradients(tmp_path):
+    onnx.save_model(_op_zoo_loss_graph(), str(tmp_path / "loss.onnx"))
+    training = onnx.load(str(build_training_graph(tmp_path / "loss.onnx", tmp_path / "artifacts", ZOO_TRAINABLE)))
+    values = {t.name: numpy_helper.to_array(t) for t in _op_zoo_loss_graph().graph.initializer if t.name in ZOO_TRAINABLE}
+    parameters = {value.name: values[value.name] for value in training.graph.input if value.name in values}
+    errors = _compare_lowered_training_graph(training, tmp_path, {"x": _normal((2, 4), 40), "labels": np.array([1, -100])},
+                                             parameters, expected_ops=ZOO_OPS, what="op zoo")
+    assert set(errors) == {"loss", *ZOO_TRAINABLE}
 
 
 # --- whole bundles -------------------------------------------------------------------------------------
@@ -665,17 +783,19 @@ def _bundle_feeds(model, seed: int = 1) -> tuple[dict, dict]:
 def _seed_dropouts(model) -> None:
     """Give every Dropout a seed of its own, so that both builds draw the same masks (checked per op)."""
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "Dropout":
+        if node.op_type == "Dropout" and not any(attribute.name == "seed" for attribute in node.attribute):
             node.attribute.append(helper.make_attribute("seed", 1000 + index))
 
 
-@pytest.mark.parametrize("variant", list(BUNDLES))
-def test_lowered_bundle_gives_the_training_builds_loss_and_gradients(tiny_model_factory, tmp_path, unlowered_graphs, variant):
-    model_type, settings = BUNDLES[variant]
-    bundle, training, evaluation = _prepared_graphs(tiny_model_factory, tmp_path, unlowered_graphs, model_type, settings)
+def _compare_lowered_training_graph(training, folder, user: dict, parameters: dict | None = None,
+                                    expected_ops: set | None = None, what: str = "") -> dict:
+    """Lower `training` (ORT's gradient graph, saved in `folder` beside its external data) and compare
+    the loss and every gradient with the training build's run of the original; check the contract the
+    runtime relies on. Returns {output or parameter: relative L2 error}."""
     assert training_only_ops(training), "the graph to lower has no training-only ops: not ORT's gradient graph"
     _seed_dropouts(training)
-    user, parameters = _bundle_feeds(training)
+    if parameters is None:
+        parameters = _bundle_feeds(training)[1]
     accumulators = {node.input[1]: node for node in training.graph.node if node.op_type == "InPlaceAccumulatorV2"}
     user_outputs = [value.name for value in training.graph.output if not value.name.endswith(".accumulation.out")]
     gradient_of = {node.input[0][: -len("_grad.accumulation.buffer")]: produced for produced, node in accumulators.items()}
@@ -685,30 +805,45 @@ def test_lowered_bundle_gives_the_training_builds_loss_and_gradients(tiny_model_
     reference_model.CopyFrom(training)
     for produced in accumulators:
         reference_model.graph.output.append(helper.make_tensor_value_info(produced, FLOAT, None))
-    onnx.save_model(reference_model, str(bundle / "reference_training.onnx"))  # beside the external data
-    buffers = {node.input[0]: np.zeros_like(parameters[name]) for name, node in
-               ((name, accumulators[produced]) for name, produced in gradient_of.items())}
-    reference = run_reference(bundle / "reference_training.onnx",
+    onnx.save_model(reference_model, str(folder / "reference_training.onnx"))  # beside the external data
+    buffers = {accumulators[gradient_of[name]].input[0]: np.zeros_like(value) for name, value in parameters.items()}
+    reference = run_reference(folder / "reference_training.onnx",
                               dict(user, **parameters, **buffers, lazy_reset_grad=np.array([True])),
                               user_outputs + [gradient_of[name] for name in parameters], EXACT_CONFIG)
 
     opset, ir_version = [(o.domain, o.version) for o in training.opset_import], training.ir_version
-    result = LowerTrainingOps().call(training)
-    assert result.modified
+    inputs = [value.name for value in training.graph.input]
+    lowering = LowerTrainingOps()
+    assert lowering.call(training).modified
     assert not training_only_ops(training)
+    if expected_ops is not None:
+        assert set(lowering.lowered) >= expected_ops, sorted(expected_ops - set(lowering.lowered))
     assert [(o.domain, o.version) for o in training.opset_import] == opset and training.ir_version == ir_version
-    assert [value.name for value in training.graph.input] == list(user) + list(parameters)
+    assert [value.name for value in training.graph.input] == [name for name in inputs if name in user or name in parameters]
     assert [value.name for value in training.graph.output] == user_outputs + [name + "_grad" for name in parameters]
     for value in training.graph.output[len(user_outputs):]:
         parameter = next(p for p in training.graph.input if p.name + "_grad" == value.name)
         assert value.type == parameter.type
-    onnx.save_model(training, str(bundle / "lowered_training.onnx"))
-    actual = run_local(bundle / "lowered_training.onnx", dict(user, **parameters), config=EXACT_CONFIG)
+    onnx.save_model(training, str(folder / "lowered_training.onnx"))
+    actual = run_local(folder / "lowered_training.onnx", dict(user, **parameters), config=EXACT_CONFIG)
 
-    errors = {name: assert_close(actual[name], reference[name], f"{variant} {name}") for name in user_outputs}
+    errors = {name: assert_close(actual[name], reference[name], f"{what} {name}") for name in user_outputs}
     for name in parameters:
-        errors[name] = assert_close(actual[name + "_grad"], reference[gradient_of[name]], f"{variant} d{name}")
-    assert np.isfinite(float(actual["loss"])) and float(actual["loss"]) > 0
+        errors[name] = assert_close(actual[name + "_grad"], reference[gradient_of[name]], f"{what} d{name}")
+        assert np.abs(reference[gradient_of[name]]).max() > 0, f"{what}: the gradient of {name} is zero: nothing compared"
+    assert np.isfinite(float(actual["loss"]))
+    print(f"{what}: loss {float(actual['loss']):.6f}, max relative L2 error {max(errors.values()):.2e} over "
+          f"{len(errors)} outputs; lowered {lowering.lowered}")
+    return errors
+
+
+@pytest.mark.parametrize("variant", list(BUNDLES))
+def test_lowered_bundle_gives_the_training_builds_loss_and_gradients(tiny_model_factory, tmp_path, unlowered_graphs, variant):
+    model_type, settings = BUNDLES[variant]
+    bundle, training, evaluation = _prepared_graphs(tiny_model_factory, tmp_path, unlowered_graphs, model_type, settings)
+    user, _ = _bundle_feeds(training)
+    errors = _compare_lowered_training_graph(training, bundle, user, what=variant)
+    assert "loss" in errors
 
     before = evaluation.SerializeToString()
     eval_result = LowerTrainingOps().call(evaluation)
