@@ -788,10 +788,12 @@ def _seed_dropouts(model) -> None:
 
 
 def _compare_lowered_training_graph(training, folder, user: dict, parameters: dict | None = None,
-                                    expected_ops: set | None = None, what: str = "") -> dict:
+                                    expected_ops: set | None = None, what: str = "", version_rel: float = REL) -> dict:
     """Lower `training` (ORT's gradient graph, saved in `folder` beside its external data) and compare
-    the loss and every gradient with the training build's run of the original; check the contract the
-    runtime relies on. Returns {output or parameter: relative L2 error}."""
+    the loss and every gradient with the training build's run of the original graph: the lowered graph
+    run by this process's onnxruntime (within `version_rel`: stock ORT's kernels differ from 1.19.2's), and
+    run by the training build too (within REL: the lowering alone). Checks the contract the runtime
+    relies on. Returns {output or parameter: relative L2 error of this process's run}."""
     assert training_only_ops(training), "the graph to lower has no training-only ops: not ORT's gradient graph"
     _seed_dropouts(training)
     if parameters is None:
@@ -807,9 +809,6 @@ def _compare_lowered_training_graph(training, folder, user: dict, parameters: di
         reference_model.graph.output.append(helper.make_tensor_value_info(produced, FLOAT, None))
     onnx.save_model(reference_model, str(folder / "reference_training.onnx"))  # beside the external data
     buffers = {accumulators[gradient_of[name]].input[0]: np.zeros_like(value) for name, value in parameters.items()}
-    reference = run_reference(folder / "reference_training.onnx",
-                              dict(user, **parameters, **buffers, lazy_reset_grad=np.array([True])),
-                              user_outputs + [gradient_of[name] for name in parameters], EXACT_CONFIG)
 
     opset, ir_version = [(o.domain, o.version) for o in training.opset_import], training.ir_version
     inputs = [value.name for value in training.graph.input]
@@ -825,15 +824,29 @@ def _compare_lowered_training_graph(training, folder, user: dict, parameters: di
         parameter = next(p for p in training.graph.input if p.name + "_grad" == value.name)
         assert value.type == parameter.type
     onnx.save_model(training, str(folder / "lowered_training.onnx"))
-    actual = run_local(folder / "lowered_training.onnx", dict(user, **parameters), config=EXACT_CONFIG)
 
-    errors = {name: assert_close(actual[name], reference[name], f"{what} {name}") for name in user_outputs}
-    for name in parameters:
-        errors[name] = assert_close(actual[name + "_grad"], reference[gradient_of[name]], f"{what} d{name}")
-        assert np.abs(reference[gradient_of[name]]).max() > 0, f"{what}: the gradient of {name} is zero: nothing compared"
+    lowered_names = user_outputs + [name + "_grad" for name in parameters]
+    feeds = dict(user, **parameters)
+    reference, lowered_by_reference = run_reference_many([
+        (folder / "reference_training.onnx", dict(feeds, **buffers, lazy_reset_grad=np.array([True])),
+         user_outputs + [gradient_of[name] for name in parameters]),
+        (folder / "lowered_training.onnx", feeds, lowered_names)], EXACT_CONFIG)
+    for result in (reference, lowered_by_reference):
+        assert not isinstance(result, ReferenceError), result
+    actual = run_local(folder / "lowered_training.onnx", feeds, lowered_names, config=EXACT_CONFIG)
+
+    expected = {name: reference[name] for name in user_outputs}
+    expected.update({name + "_grad": reference[gradient_of[name]] for name in parameters})
+    errors, lowering_errors = {}, {}
+    for name, value in expected.items():
+        key = name[: -len("_grad")] if name not in user_outputs else name
+        assert np.abs(value).max() > 0, f"{what}: {name} is zero in the reference: nothing compared"
+        lowering_errors[key] = assert_close(lowered_by_reference[name], value, f"{what} {name} (lowered, training build)")
+        errors[key] = assert_close(actual[name], value, f"{what} {name} (lowered, this onnxruntime)", version_rel)
     assert np.isfinite(float(actual["loss"]))
-    print(f"{what}: loss {float(actual['loss']):.6f}, max relative L2 error {max(errors.values()):.2e} over "
-          f"{len(errors)} outputs; lowered {lowering.lowered}")
+    print(f"{what}: loss {float(actual['loss']):.6f}; max relative L2 error over {len(errors)} outputs: "
+          f"{max(errors.values()):.2e} (this onnxruntime), {max(lowering_errors.values()):.2e} (the training build); "
+          f"lowered {lowering.lowered}")
     return errors
 
 
@@ -851,3 +864,24 @@ def test_lowered_bundle_gives_the_training_builds_loss_and_gradients(tiny_model_
         assert eval_result.modified and not training_only_ops(evaluation)
     else:
         assert not eval_result.modified and evaluation.SerializeToString() == before
+
+
+@pytest.mark.slow
+def test_lowered_smollm2_gives_the_training_builds_loss_and_gradients(smollm2_dir, tmp_path, unlowered_graphs):
+    """SmolLM2-135M-Instruct (30 layers, LoRA r8 on every linear layer). The lowering alone (both graphs run
+    by the training build) stays within 1e-5 and the loss is the same; stock onnxruntime's own kernels
+    (MLAS of 1.32 against 1.19.2's) move the deepest gradients by up to ~1.2e-4 on this batch."""
+    from ortft.config import PrepareConfig
+    from ortft.prepare.pipeline import prepare_bundle
+
+    bundle = tmp_path / "bundle"
+    prepare_bundle(PrepareConfig(model=str(smollm2_dir), out=str(bundle), rank=8, alpha=16), quiet=True)
+    training = next((m for m in unlowered_graphs if any(n.op_type == "InPlaceAccumulatorV2" for n in m.graph.node)), None)
+    if training is None:
+        training = onnx.load(str(bundle / "training_model.onnx"), load_external_data=False)
+    user, parameters = _bundle_feeds(training)
+    rng = np.random.default_rng(5)
+    user["input_ids"] = rng.integers(3, 49152, size=user["input_ids"].shape, dtype=np.int64)
+    user["labels"] = np.where(user["labels"] == -100, -100, user["input_ids"])
+    errors = _compare_lowered_training_graph(training, bundle, user, parameters, what="SmolLM2-135M", version_rel=5e-4)
+    assert errors["loss"] <= REL
