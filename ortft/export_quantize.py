@@ -34,7 +34,6 @@ SCHEMES = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 MATMULNBITS_ACCURACY_LEVEL = 1  # float32 activations (0 = unset also means float32 in ORT 1.19's CPU kernel)
 MS_DOMAIN = "com.microsoft"
-ALIGNMENT = 64  # byte alignment of each tensor in the data file
 NODE_PREFIX = "ortft_q/"
 
 
@@ -125,11 +124,10 @@ class QuantizedExportWriter:
         graph = self.proto.graph
         plans = self.plan()
         merged_by_initializer = {self.template.section["weights"][hf]["initializer"]: values for hf, values in merged.items()}
-        template_data = self.template.data_path
         new_initializers = []
         new_nodes: dict[str, list] = {}  # first output of a node to replace -> replacement nodes
         removed_nodes: set[str] = set()  # first outputs of nodes to drop
-        with open(out_dir / data_file, "wb") as out, (open(template_data, "rb") if template_data else _NoFile()) as source:
+        with open(out_dir / data_file, "wb") as out:
             for tensor in list(graph.initializer):
                 name = tensor.name
                 plan = plans.get(name)
@@ -142,26 +140,13 @@ class QuantizedExportWriter:
                     del weight
                     continue
                 if name in merged_by_initializer:
-                    values = np.ascontiguousarray(merged_by_initializer[name], dtype=self.template._numpy_dtype(tensor))
+                    values = np.ascontiguousarray(merged_by_initializer[name], dtype=self.template.numpy_dtype(tensor))
                     if list(values.shape) != list(tensor.dims):
                         raise BundleError(f"merged {name} has shape {list(values.shape)}, template has {list(tensor.dims)}")
-                    if self.template._is_external(tensor):
-                        new_initializers.append(_store_bytes(tensor, values.tobytes(), out, data_file))
-                    else:
-                        tensor = _copy(tensor)
-                        tensor.raw_data = values.tobytes()
-                        del tensor.float_data[:]
-                        new_initializers.append(tensor)
-                elif self.template._is_external(tensor):
-                    facts = self.template._external(tensor)
-                    source.seek(int(facts.get("offset", 0)))
-                    length = int(facts["length"]) if "length" in facts else _byte_size(tensor)
-                    data = source.read(length)
-                    if len(data) != length:
-                        raise BundleError(f"{template_data} is shorter than its model says", hint="prepare the bundle again")
-                    new_initializers.append(_store_bytes(tensor, data, out, data_file))
+                    data = values.tobytes()
                 else:
-                    new_initializers.append(_copy(tensor))
+                    data = self.template.raw_bytes(tensor)
+                new_initializers.append(_store_bytes(tensor, data, out, data_file))
             out.flush()
         nodes = []
         for node in graph.node:
@@ -262,32 +247,15 @@ class QuantizedExportWriter:
         return section
 
 
-class _NoFile:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _array_tensor(values: np.ndarray, name: str):
     from onnx import numpy_helper
 
     return numpy_helper.from_array(np.ascontiguousarray(values), name)
 
 
-def _byte_size(tensor) -> int:
-    from onnx import helper
-
-    count = int(np.prod(list(tensor.dims))) if tensor.dims else 1
-    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-
-
 def _store(tensor, out, data_file: str):
     """Move a TensorProto's raw data into the data file; returns the tensor, now external."""
-    data = tensor.raw_data
-    tensor.ClearField("raw_data")
-    return _store_bytes(tensor, data, out, data_file)
+    return _store_bytes(tensor, tensor.raw_data, out, data_file)
 
 
 def _copy(message):
@@ -298,19 +266,8 @@ def _copy(message):
 
 def _store_bytes(tensor, data: bytes, out, data_file: str):
     """Append `data` to the data file (aligned); returns a copy of `tensor` pointing at it."""
-    import onnx
+    from .inference_template import store_external
 
     tensor = _copy(tensor)
-
-    position = out.tell()
-    padding = (-position) % ALIGNMENT
-    if padding:
-        out.write(b"\0" * padding)
-        position += padding
-    out.write(data)
-    del tensor.external_data[:]
-    for key, value in (("location", data_file), ("offset", str(position)), ("length", str(len(data)))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    store_external(tensor, data, out, data_file)
     return tensor

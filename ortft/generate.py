@@ -1,6 +1,7 @@
 """Text generation on the device: numpy sampling over an onnxruntime InferenceSession with a KV cache.
 
-`Generator(export_dir)` loads a merged export (or a bundle's base inference model); `stream_ids` yields token ids.
+`Generator(export_dir)` loads a merged export, an onnx-adapter export with one of its adapters active, or a
+bundle's base inference model; `stream_ids` yields token ids.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .config import SamplingSettings  # noqa: F401  (defaults live in ortft.config)
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -107,30 +108,66 @@ class ModelFolder:
     tokenizer_dir: Path
     eos_token_ids: list[int] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)  # ORT session config entries the model needs
+    folder: Path | None = None  # the folder holding the manifest
+    adapter_path: Path | None = None  # an onnx-adapter export's chosen .onnx_adapter file
+    adapter_names: list[str] = field(default_factory=list)  # every adapter an onnx-adapter export holds
 
 
-def describe_model_folder(folder: Path | str) -> ModelFolder:
-    """An export made by `ortft export --format merged-onnx`, or a bundle (its base inference model)."""
+def describe_model_folder(folder: Path | str, adapter: str | None = None) -> ModelFolder:
+    """An export made by `ortft export --format merged-onnx` or `onnx-adapter` (`adapter` picks one of its
+    adapters; none runs the base model), or a bundle (its base inference model)."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"{folder} has no manifest.json", hint="pass a folder made by `ortft export` (or a run folder)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     eos_ids = list((manifest.get("model") or {}).get("eos_token_ids") or [])
-    if manifest.get("format") == "ortft-export" and manifest.get("kind") == "merged-onnx":
+    kind = manifest.get("kind")
+    if manifest.get("format") == "ortft-export" and kind in ("merged-onnx", "onnx-adapter"):
         config = {}
         if (manifest.get("quantization") or {}).get("scheme") == "int8":
-            # int8 weights are DequantizeLinear -> MatMul; ORT 1.19 has no fused CPU kernel for them and by
-            # default re-runs the DequantizeLinear every forward (~18x slower on SmolLM2). This lets its constant
+            # int8 weights are DequantizeLinear -> MatMul; ORT has no fused CPU kernel for them and by default
+            # re-runs the DequantizeLinear every forward (~18x slower on SmolLM2). This lets its constant
             # folding dequantize them once at load: float32 speed (and float32 memory), small files on disk.
             config["session.disable_quant_qdq"] = "1"
-        return ModelFolder(folder / "model.onnx", folder / "tokenizer", eos_ids, config)
+        described = ModelFolder(folder / "model.onnx", _tokenizer_dir(folder, manifest), eos_ids, config, folder)
+        if kind == "onnx-adapter":
+            described.adapter_names = sorted(manifest.get("adapters") or {})
+            if adapter is not None:
+                described.adapter_path = _adapter_file(folder, manifest, adapter)
+        elif adapter is not None:
+            raise ConfigError(f"--adapter {adapter}: {folder} is a merged export, its adapter is folded in",
+                              hint="drop --adapter, or pass a folder made by `ortft export --format onnx-adapter`")
+        return described
+    if adapter is not None:
+        raise ConfigError(f"--adapter {adapter}: {folder} holds no adapters to choose from",
+                          hint="pass a folder made by `ortft export --format onnx-adapter`")
     if manifest.get("format") == "ortft-bundle" and manifest.get("inference"):
-        return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids)
+        return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids, folder=folder)
     raise BundleError(
-        f"{folder} holds no ONNX model to generate with (format {manifest.get('format')}, kind {manifest.get('kind')})",
-        hint="export with --format merged-onnx, or pass the run folder itself",
+        f"{folder} holds no ONNX model to generate with (format {manifest.get('format')}, kind {kind})",
+        hint="export with --format merged-onnx or onnx-adapter, or pass the run folder itself",
     )
+
+
+def _tokenizer_dir(folder: Path, manifest: dict) -> Path:
+    """An export's tokenizer: at its root (exports since format version 2) or in tokenizer/ (earlier ones)."""
+    recorded = (manifest.get("tokenizer") or {}).get("dir")
+    if recorded and (folder / recorded / "tokenizer.json").is_file():
+        return folder / recorded
+    return folder if (folder / "tokenizer.json").is_file() else folder / "tokenizer"
+
+
+def _adapter_file(folder: Path, manifest: dict, name: str) -> Path:
+    adapters = manifest.get("adapters") or {}
+    if name not in adapters:
+        listed = ", ".join(sorted(adapters)) or "none"
+        raise ConfigError(f"--adapter {name}: {folder} has no adapter of that name (it has: {listed})",
+                          hint=f"export a run into it with `ortft export RUN --format onnx-adapter --out {folder} --adapter-name {name}`")
+    path = folder / adapters[name]["file"]
+    if not path.is_file():
+        raise BundleError(f"{path} is missing although {folder / 'manifest.json'} lists it", hint="export that run into the folder again")
+    return path
 
 
 def inference_session(model_path: Path, provider="cpu", threads: int | None = None, verbose: bool = False,
@@ -154,11 +191,38 @@ def inference_session(model_path: Path, provider="cpu", threads: int | None = No
         return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def load_onnx_adapter(path: Path):
+    """An `.onnx_adapter` file loaded as onnxruntime's LoraAdapter (its tensors feed the graph's adapter inputs)."""
+    from .runtime import onnxruntime_module
+
+    ort = onnxruntime_module()
+    if not hasattr(ort, "LoraAdapter"):
+        raise ConfigError(f"serving {path.name} needs onnxruntime >= 1.20 (this is {ort.__version__})",
+                          hint="install ortft's own onnxruntime (`pip install .`), or use a merged-onnx export")
+    adapter = ort.LoraAdapter()
+    try:
+        adapter.Load(str(path))
+    except Exception as exc:  # onnxruntime raises its own exception types for a damaged file
+        raise BundleError(f"{path} is not a readable .onnx_adapter file ({str(exc).splitlines()[0]})",
+                          hint="export that run into the folder again") from exc
+    return adapter
+
+
+def adapter_run_options(adapter):
+    """RunOptions that make `adapter` active for every run of a session."""
+    from .runtime import onnxruntime_module
+
+    options = onnxruntime_module().RunOptions()
+    options.add_active_adapter(adapter)
+    return options
+
+
 class KVCacheModel:
     """One causal LM session: feeds input ids with position ids and the past key/values, keeps the presents."""
 
-    def __init__(self, session):
+    def __init__(self, session, run_options=None):
         self.session = session
+        self.run_options = run_options  # e.g. an active LoRA adapter (an onnx-adapter export's)
         inputs = {value.name: value for value in session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = ["present." + name.removeprefix("past_key_values.") for name in self.past_names]
@@ -182,7 +246,7 @@ class KVCacheModel:
         }
         if self.takes_position_ids:
             feeds["position_ids"] = np.arange(self.length, self.length + count, dtype=np.int64)[None, :]
-        outputs = self.session.run(["logits", *self.present_names], feeds)
+        outputs = self.session.run(["logits", *self.present_names], feeds, self.run_options)
         self.past = dict(zip(self.past_names, outputs[1:]))
         self.length += count
         return outputs[0][0, -1]
@@ -191,9 +255,12 @@ class KVCacheModel:
 class Generator:
     """Loads a model folder once; generates token ids or text, streaming, with stats of the last run."""
 
-    def __init__(self, folder: Path | str, provider="cpu", threads: int | None = None, verbose: bool = False):
-        self.folder = describe_model_folder(folder)
-        self.model = KVCacheModel(inference_session(self.folder.model_path, provider, threads, verbose, self.folder.session_config))
+    def __init__(self, folder: Path | str, provider="cpu", threads: int | None = None, verbose: bool = False,
+                 adapter: str | None = None):
+        self.folder = describe_model_folder(folder, adapter)
+        session = inference_session(self.folder.model_path, provider, threads, verbose, self.folder.session_config)
+        self.adapter = load_onnx_adapter(self.folder.adapter_path) if self.folder.adapter_path else None
+        self.model = KVCacheModel(session, adapter_run_options(self.adapter) if self.adapter is not None else None)
         self._tokenizer = None
         self.stats = GenerationStats()
 
@@ -266,13 +333,20 @@ class Generator:
             yield text[len(printed):]
 
 
-def open_generator(path: Path | str, checkpoint: str = "latest", provider="cpu", threads: int | None = None, verbose: bool = False) -> Generator:
-    """A Generator for an export folder, a bundle, or a run folder (merged into a temporary folder first)."""
+def open_generator(path: Path | str, checkpoint: str = "latest", provider="cpu", threads: int | None = None, verbose: bool = False,
+                   adapter: str | None = None) -> Generator:
+    """A Generator for an export folder, a bundle, or a run folder (merged into a temporary folder first).
+
+    `adapter` names the adapter of an onnx-adapter export to serve.
+    """
     import tempfile
 
     path = Path(path)
     if not (path / "run.json").is_file():
-        return Generator(path, provider, threads, verbose)
+        return Generator(path, provider, threads, verbose, adapter)
+    if adapter is not None:
+        raise ConfigError(f"--adapter {adapter}: {path} is a run folder, whose adapter is its own",
+                          hint="drop --adapter, or pass a folder made by `ortft export --format onnx-adapter`")
     from .export import export_run
 
     temp_dir = tempfile.TemporaryDirectory(prefix="ortft-generate-")

@@ -63,10 +63,21 @@ def test_merged_onnx_equals_peft_logits(kind, lora_bundle, dora_bundle, tmp_path
 def test_export_folder_contents(lora_bundle, tmp_path):
     out = tmp_path / "export"
     export_manifest = export_merged_onnx(lora_bundle.bundle_dir, lora_bundle.manifest, lora_bundle.adapter, out)
-    assert {"model.onnx", "model.onnx.data", "generation_config.json", "manifest.json", "tokenizer"} <= {p.name for p in out.iterdir()}
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert {p.name for p in out.iterdir()} == {
+        "model.onnx", "model.onnx.data", "config.json", "generation_config.json", "genai_config.json", "manifest.json",
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
     written = json.loads((out / "manifest.json").read_text())
-    assert written["format"] == "ortft-export" and written["kind"] == "merged-onnx"
+    assert written["format"] == "ortft-export" and written["kind"] == "merged-onnx" and written["format_version"] == 2
+    assert written["tokenizer"]["dir"] == "." and written["tokenizer"]["chat_template"] == "chat_template.jinja"
+    config = json.loads((out / "config.json").read_text())
+    source_config = json.loads((lora_bundle.bundle_dir / "inference" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert {key: config[key] for key in ("rope_theta", "rms_norm_eps", "intermediate_size", "tie_word_embeddings")} == \
+        {key: source_config[key] for key in ("rope_theta", "rms_norm_eps", "intermediate_size", "tie_word_embeddings")}
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["type"] == "llama" and genai["search"]["past_present_share_buffer"] is False
+    assert genai["model"]["decoder"]["head_size"] == 16 and genai["model"]["decoder"]["num_key_value_heads"] == 2
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert len(written["source"]["bundle_manifest_sha256"]) == 64
     assert set(written["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert export_manifest["files"] == written["files"]
@@ -79,7 +90,14 @@ def test_zero_b_gives_exactly_the_base_weights(tmp_path):
     bundle = build_bundle(tmp_path / "bundle", "llama", zero_b=True)
     out = tmp_path / "export"
     export_merged_onnx(bundle.bundle_dir, bundle.manifest, bundle.adapter, out)
-    assert (out / "model.onnx.data").read_bytes() == (bundle.bundle_dir / "inference" / "model.onnx.data").read_bytes()
+    import onnx
+    from onnx import numpy_helper
+
+    exported = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    template = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(bundle.bundle_dir / "inference" / "model.onnx")).graph.initializer}
+    assert exported.keys() == template.keys()
+    for name, values in template.items():
+        assert exported[name].tobytes() == values.tobytes(), name
 
 
 def test_merge_weights_maths_and_in_out_layout():

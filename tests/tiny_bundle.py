@@ -80,7 +80,7 @@ def build_bundle(folder: Path, model_type: str = "llama", dora: bool = False, ra
 def make_run(run_dir: Path, bundle: TinyBundle, steps: tuple[int, ...] = (10,), best_step: int | None = None) -> Path:
     """RUN_DIR/run.json + checkpoints/step-NNNNNNNN (written by ortft.run, with hashes) (+ best.json).
 
-    The ORT checkpoint slot holds a placeholder file: export reads only the adapter.
+    Export reads only the adapter.
     """
     from ortft import run as runs
     from ortft.manifest import manifest_digest
@@ -89,17 +89,20 @@ def make_run(run_dir: Path, bundle: TinyBundle, steps: tuple[int, ...] = (10,), 
     run_info = {"bundle": str(bundle.bundle_dir.resolve()), "bundle_manifest_sha256": manifest_digest(bundle.bundle_dir)}
     (run_dir / "run.json").write_text(json.dumps(run_info), encoding="utf-8")
     for step in steps:
-        folder = runs.write_checkpoint(run_dir, step, lambda path: path.write_bytes(b"placeholder"), bundle.adapter, {"step": step})
+        folder = runs.write_checkpoint(run_dir, step, bundle.adapter, {"step": step})
         if step == best_step:
             runs.write_best(run_dir, folder, step, 1.0)
     return run_dir
 
 
-def onnx_logits(model_path: Path, input_ids: np.ndarray) -> np.ndarray:
+def onnx_logits(model_path: Path, input_ids: np.ndarray, session_config: dict[str, str] | None = None) -> np.ndarray:
     """Full-sequence logits of an exported KV-cache model, with an empty cache."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
              "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
     for value in session.get_inputs():

@@ -1,4 +1,5 @@
-"""`ortft generate`: complete a prompt or chat with a merged export, a bundle's base model, or a run folder.
+"""`ortft generate`: complete a prompt or chat with an export (merged, or base + one of its adapters), a
+bundle's base model, or a run folder.
 
 Text streams to stdout; speed (tokens/s) goes to stderr.
 """
@@ -28,21 +29,27 @@ _defaults = SamplingSettings()
               show_default=True)
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True)
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
+@click.option("--adapter", default=None, metavar="NAME",
+              help="For an onnx-adapter export: serve its adapter NAME (adapters/NAME.onnx_adapter); without it, the base model.")
 @provider_option()
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Compute threads (default: physical cores).")
 @click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
 def command(model_dir, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, checkpoint,
-            provider, threads, verbose) -> None:
-    """Generate text with EXPORT_DIR_OR_RUN (a merged-onnx export, a run folder or a bundle)."""
+            adapter, provider, threads, verbose) -> None:
+    """Generate text with EXPORT_DIR_OR_RUN (a merged-onnx or onnx-adapter export, a run folder or a bundle)."""
     if prompt is None and not chat:
         raise click.UsageError("give --prompt TEXT, or --chat for an interactive chat")
     from ..generate import open_generator
 
     settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    generator = open_generator(model_dir, checkpoint=checkpoint, provider=provider, threads=threads, verbose=verbose)
+    generator = open_generator(model_dir, checkpoint=checkpoint, provider=provider, threads=threads, verbose=verbose,
+                               adapter=adapter)
+    if generator.folder.adapter_names and generator.folder.adapter_path is None:
+        click.echo(f"note: serving the base model; this folder's adapters: {', '.join(generator.folder.adapter_names)} "
+                   "(--adapter NAME)", err=True)
     from ..tokenizer_facts import tokenizer_notes
 
-    for note in tokenizer_notes(generator.folder.tokenizer_dir.parent):  # the folder holding the manifest
+    for note in tokenizer_notes(generator.folder.folder):  # the folder holding the manifest
         click.echo(f"note: {note}", err=True)
     if not chat:
         _print_stream(generator, generator.stream_text(prompt, settings))

@@ -1,6 +1,8 @@
 """Export the BASE causal LM (no adapters) as an ONNX inference model with KV cache: the export template.
 
 Weights stay initializers named as Hugging Face parameters, so `ortft export` can fold adapters into them.
+The source model's configuration is kept beside it (config.json): exports give it to runtimes that read
+one (Optimum, lm-eval), and the GGUF export takes rope and norm settings from it.
 Llama-style attention is exported in its cheaper form (ortft/prepare/attention.py): with grouped-query
 attention the cached keys and values are no longer copied to every query head at each generated token.
 """
@@ -9,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 import warnings
 from pathlib import Path
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+CONFIG_FILE = "config.json"
+# Keys of a config that describe how the source checkpoint was stored, not the model (a GGUF's quantization).
+CONFIG_KEYS_DROPPED = ("quantization_config", "_name_or_path", "_model_name_or_path")
 RAW_EXPORT_DIR = ".raw-export"
 ONNX_DTYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 11: "float64"}
 
@@ -42,8 +48,10 @@ def export_inference_template(model, out_dir: Path, opset: int = 17) -> dict:
     _drop_initializer_inputs(graph_model)
     weights = linear_weight_map(model, graph_model)
     _save_external(graph_model, out_dir)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(model_config_dict(model), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {
         "model": f"inference/{MODEL_FILE}",
+        "config": f"inference/{CONFIG_FILE}",
         "weights": weights,
         "inputs": _describe_values(graph_model.graph.input),
         "outputs": _describe_values(graph_model.graph.output),
@@ -51,6 +59,19 @@ def export_inference_template(model, out_dir: Path, opset: int = 17) -> dict:
         "num_key_value_heads": _num_key_value_heads(model.config),
         "head_dim": _head_dim(model.config),
     }
+
+
+def model_config_dict(model) -> dict:
+    """The model's configuration as a config.json, every setting spelled out (rope_theta, rms_norm_eps, ...
+    even where they equal transformers' defaults: readers without transformers need them), for float32."""
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    for key in CONFIG_KEYS_DROPPED:
+        config.pop(key, None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "float32"
+    config["use_cache"] = True
+    config["model_type"] = model.config.model_type
+    return config
 
 
 def _onnx_config(model):

@@ -120,6 +120,23 @@ def test_tied_lm_head_points_at_the_embedding(tmp_path):
     assert not any(tensor.name == "lm_head.weight" for tensor in graph.graph.initializer)
 
 
+def test_the_source_configuration_is_kept(tmp_path):
+    """config.json beside the template: every setting spelled out, the exported model's class, no storage details."""
+    import json
+
+    from ortft.prepare.inference import export_inference_template
+
+    model = _model("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF source's config carries
+    section = export_inference_template(model, tmp_path)
+    assert section["config"] == "inference/config.json"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert "quantization_config" not in config and "_name_or_path" not in config
+    for key in ("rope_theta", "rms_norm_eps", "intermediate_size", "tie_word_embeddings", "max_position_embeddings"):
+        assert config[key] == getattr(model.config, key), key
+
+
 def test_export_leaves_the_model_as_it_was(tmp_path):
     from ortft.prepare.inference import export_inference_template
 
@@ -144,7 +161,7 @@ def test_a_raw_export_with_one_file_per_weight_leaves_only_the_template(tmp_path
     monkeypatch.setattr(inference, "_torch_export", export_like_a_large_model)
     model = _model("llama")
     inference.export_inference_template(model, tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
     from tiny_bundle import onnx_logits, torch_logits
 
     input_ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, 7)).astype(np.int64)
