@@ -273,12 +273,13 @@ class TrainingSession:
         binding, output_names = self._bind(session, batch, grads)
         session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        return [values[i].numpy() for i, name in enumerate(output_names) if not name.endswith(GRAD_SUFFIX)]
+        outputs = [values[i].numpy() for i, name in enumerate(output_names) if not name.endswith(GRAD_SUFFIX)]
+        return outputs[0] if len(outputs) == 1 else outputs  # as ORT's training API returned them
 
     # training --------------------------------------------------------------------------------
     def train_step_forward_backward(self, batch: dict):
         """Forward and backward on one micro-batch; gradients are summed until `optimizer_step`.
-        Returns the graph's non-gradient outputs (loss first)."""
+        Returns the loss (an array), or the list of the graph's non-gradient outputs (loss first) if several."""
         target = self.grads if self.micro_batches == 0 else self._micro_grads
         outputs = self._run(self.train_session, batch, target)
         if self.micro_batches:

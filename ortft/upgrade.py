@@ -65,7 +65,7 @@ def upgrade_bundle(bundle: Path | str, quiet: bool = False) -> dict:
     import click
 
     from .legacy_checkpoint import read_ort_checkpoint
-    from .prepare.artifacts import lower_training_graphs
+    from .graph.lower_bundle import lower_training_graphs
     from .run import adapter_bytes
 
     bundle = Path(bundle)

@@ -122,7 +122,7 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     batch = synthetic_batch(manifest)
     before = session.adapter()
     outputs = session.train_step_forward_backward(batch)
-    loss = float(np.asarray(outputs[0]))
+    loss = float(np.asarray(outputs[0] if isinstance(outputs, list) else outputs))
     grads = session.gradients()
     finite = all(np.isfinite(value).all() for value in grads.values())
     session.optimizer_step(1e-3)

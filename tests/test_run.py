@@ -15,11 +15,9 @@ from ortft.errors import DiskWriteError, RunError
 from ortft.fsutil import TEMP_PREFIX
 
 
-def fake_ort_checkpoint(content: bytes = b"ort checkpoint bytes"):
-    def save(path: Path) -> None:
-        Path(path).write_bytes(content)
-
-    return save
+def moments(step: int) -> dict[str, np.ndarray]:
+    return {f"{kind}/{name}": value * (0.5 if kind == "exp_avg" else 0.25)
+            for name, value in adapter(step).items() for kind in ("exp_avg", "exp_avg_sq")}
 
 
 def adapter(step: int) -> dict[str, np.ndarray]:
@@ -31,7 +29,7 @@ def make_run(tmp_path: Path, steps=(2, 4, 6)) -> Path:
     run_dir.mkdir()
     (run_dir / runs.RUN_FILE).write_text(json.dumps({"format": "ortft-run", "bundle": "/nowhere"}))
     for step in steps:
-        runs.write_checkpoint(run_dir, step, fake_ort_checkpoint(f"state {step}".encode()), adapter(step), {"step": step})
+        runs.write_checkpoint(run_dir, step, adapter(step), {"step": step}, moments(step), step)
     return run_dir
 
 
@@ -43,10 +41,10 @@ def test_step_dir_name_sorts_numerically():
 def test_write_checkpoint_writes_three_files_with_hashes(tmp_path):
     run_dir = make_run(tmp_path, steps=(3,))
     folder = run_dir / "checkpoints/step-00000003"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "checkpoint", "trainer_state.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "optimizer.safetensors", "trainer_state.json"]
     state = runs.read_state(folder)
     assert state["step"] == 3
-    assert state["files"] == {name: runs.sha256_file(folder / name) for name in ("checkpoint", "adapter.safetensors")}
+    assert state["files"] == {name: runs.sha256_file(folder / name) for name in ("adapter.safetensors", "optimizer.safetensors")}
     loaded = runs.load_adapter(folder / runs.ADAPTER_FILE)
     for name, value in adapter(3).items():
         assert loaded[name].dtype == np.float32 and np.array_equal(loaded[name], value)
@@ -56,45 +54,48 @@ def test_write_checkpoint_writes_three_files_with_hashes(tmp_path):
     assert not list((run_dir / runs.CHECKPOINTS).glob(TEMP_PREFIX + "*"))
 
 
-def test_checkpoint_data_file_of_a_large_model_is_hashed_too(tmp_path):
-    """ORT writes checkpoint.data beside checkpoint for large models: damage there must be caught."""
-    def save(path: Path) -> None:
-        Path(path).write_bytes(b"header")
-        Path(str(path) + ".data").write_bytes(b"frozen weights")
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    folder = runs.write_checkpoint(run_dir, 5, save, adapter(5), {"step": 5})
-    assert set(runs.read_state(folder)["files"]) == {"checkpoint", "checkpoint.data", "adapter.safetensors"}
-    assert runs.checkpoint_problem(folder) is None
-    (folder / "checkpoint.data").write_bytes(b"frozen weightz")
-    assert "checkpoint.data" in runs.checkpoint_problem(folder)
+def test_optimizer_state_round_trips_with_its_step(tmp_path):
+    run_dir = make_run(tmp_path, steps=(4,))
+    state, step = runs.read_optimizer_state(run_dir / "checkpoints/step-00000004")
+    assert step == 4
+    assert sorted(state) == sorted(moments(4))
+    for key, value in moments(4).items():
+        np.testing.assert_array_equal(state[key], value)
+    folder = runs.write_checkpoint(run_dir, 5, adapter(5), {"step": 5})  # a federated round: no optimizer
+    assert runs.read_optimizer_state(folder) is None and runs.checkpoint_problem(folder) is None
 
 
-def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_previous(tmp_path):
+def test_a_failed_checkpoint_write_leaves_nothing_and_keeps_the_previous(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path, steps=(2,))
     before = (run_dir / runs.ADAPTER_FILE).read_bytes()
 
-    def full_disk(path: Path) -> None:
-        Path(path).write_bytes(b"partial")
+    def full_disk(state, step):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(runs, "optimizer_bytes", full_disk)
     with pytest.raises(DiskWriteError, match="disk is full"):
-        runs.write_checkpoint(run_dir, 4, full_disk, adapter(4), {"step": 4})
+        runs.write_checkpoint(run_dir, 4, adapter(4), {"step": 4}, moments(4), 4)
     assert [f.name for f in runs.list_checkpoints(run_dir)] == ["step-00000002"]
     assert not list((run_dir / runs.CHECKPOINTS).glob(TEMP_PREFIX + "*"))
     assert runs.checkpoint_problem(run_dir / "checkpoints/step-00000002") is None
     assert (run_dir / runs.ADAPTER_FILE).read_bytes() == before
 
 
-def test_rewriting_a_step_replaces_it_only_when_complete(tmp_path):
+def test_rewriting_a_step_replaces_it_only_when_complete(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path, steps=(2,))
     folder = run_dir / "checkpoints/step-00000002"
-    with pytest.raises(RuntimeError):
-        runs.write_checkpoint(run_dir, 2, lambda path: (_ for _ in ()).throw(RuntimeError("boom")), adapter(9), {"step": 2})
-    assert runs.checkpoint_problem(folder) is None and (folder / "checkpoint").read_bytes() == b"state 2"
-    runs.write_checkpoint(run_dir, 2, fake_ort_checkpoint(b"again"), adapter(9), {"step": 2})
-    assert (folder / "checkpoint").read_bytes() == b"again" and runs.checkpoint_problem(folder) is None
+    before = (folder / runs.OPTIMIZER_FILE).read_bytes()
+
+    def boom(state, step):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "optimizer_bytes", boom)
+        with pytest.raises(RuntimeError):
+            runs.write_checkpoint(run_dir, 2, adapter(9), {"step": 2}, moments(9), 9)
+    assert runs.checkpoint_problem(folder) is None and (folder / runs.OPTIMIZER_FILE).read_bytes() == before
+    runs.write_checkpoint(run_dir, 2, adapter(9), {"step": 2}, moments(9), 9)
+    assert runs.read_optimizer_state(folder)[1] == 9 and runs.checkpoint_problem(folder) is None
 
 
 def test_list_checkpoints_newest_first_ignoring_other_folders(tmp_path):
@@ -107,9 +108,9 @@ def test_list_checkpoints_newest_first_ignoring_other_folders(tmp_path):
 
 
 @pytest.mark.parametrize("damage,problem", [
-    ("truncate-checkpoint", "checkpoint does not match its recorded sha256"),
+    ("truncate-optimizer", "optimizer.safetensors does not match its recorded sha256"),
     ("flip-adapter-byte", "adapter.safetensors does not match its recorded sha256"),
-    ("remove-checkpoint", "checkpoint missing"),
+    ("remove-optimizer", "optimizer.safetensors missing"),
     ("cut-state", "trainer_state.json unreadable"),
     ("remove-state", "trainer_state.json unreadable"),
     ("state-without-hashes", "lacks the file hashes"),
@@ -117,14 +118,14 @@ def test_list_checkpoints_newest_first_ignoring_other_folders(tmp_path):
 def test_checkpoint_problem_names_the_damage(tmp_path, damage, problem):
     run_dir = make_run(tmp_path, steps=(2,))
     folder = run_dir / "checkpoints/step-00000002"
-    if damage == "truncate-checkpoint":
-        (folder / "checkpoint").write_bytes(b"state")
+    if damage == "truncate-optimizer":
+        (folder / runs.OPTIMIZER_FILE).write_bytes(b"state")
     elif damage == "flip-adapter-byte":
         raw = bytearray((folder / runs.ADAPTER_FILE).read_bytes())
         raw[-1] ^= 1
         (folder / runs.ADAPTER_FILE).write_bytes(bytes(raw))
-    elif damage == "remove-checkpoint":
-        (folder / "checkpoint").unlink()
+    elif damage == "remove-optimizer":
+        (folder / runs.OPTIMIZER_FILE).unlink()
     elif damage == "cut-state":
         (folder / runs.STATE_FILE).write_text('{"step": 2, "fi')
     elif damage == "remove-state":
@@ -137,7 +138,7 @@ def test_checkpoint_problem_names_the_damage(tmp_path, damage, problem):
 def test_newest_valid_checkpoint_skips_damaged_ones_with_a_warning(tmp_path, caplog):
     run_dir = make_run(tmp_path)
     assert runs.newest_valid_checkpoint(run_dir).name == "step-00000006"
-    (run_dir / "checkpoints/step-00000006/checkpoint").write_bytes(b"")
+    (run_dir / "checkpoints/step-00000006/optimizer.safetensors").write_bytes(b"")
     (run_dir / "checkpoints/step-00000004/trainer_state.json").unlink()
     with caplog.at_level(logging.WARNING, logger="ortft.run"):
         assert runs.newest_valid_checkpoint(run_dir).name == "step-00000002"
@@ -151,7 +152,7 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path):
     run_dir = make_run(tmp_path, steps=(1, 2, 3, 4, 5))
     leftover = run_dir / runs.CHECKPOINTS / (TEMP_PREFIX + "step-00000006-xyz")
     leftover.mkdir()
-    (leftover / "checkpoint").write_bytes(b"half")
+    (leftover / "optimizer.safetensors").write_bytes(b"half")
     removed = runs.prune_checkpoints(run_dir, 2, protect={run_dir / "checkpoints/step-00000001"})
     assert sorted(f.name for f in removed) == ["step-00000002", "step-00000003"]
     assert [f.name for f in runs.list_checkpoints(run_dir)] == ["step-00000005", "step-00000004", "step-00000001"]
@@ -182,10 +183,10 @@ def test_resolve_checkpoint_latest_best_and_paths(tmp_path):
     assert runs.resolve_checkpoint(run_dir, str(run_dir / "checkpoints/step-00000002")).name == "step-00000002"
     with pytest.raises(RunError, match="does not exist"):
         runs.resolve_checkpoint(run_dir, "checkpoints/step-00000099")
-    (run_dir / "checkpoints/step-00000004/checkpoint").write_bytes(b"")
+    (run_dir / "checkpoints/step-00000004/optimizer.safetensors").write_bytes(b"")
     with pytest.raises(RunError, match="is damaged"):
         runs.resolve_checkpoint(run_dir, "best")
-    (run_dir / "checkpoints/step-00000006/checkpoint").write_bytes(b"")
+    (run_dir / "checkpoints/step-00000006/optimizer.safetensors").write_bytes(b"")
     assert runs.resolve_checkpoint(run_dir).name == "step-00000002"  # latest skips damaged ones
     for folder in runs.list_checkpoints(run_dir):
         (folder / runs.STATE_FILE).unlink()

@@ -109,7 +109,7 @@ def test_run_folder_metrics_and_checkpoints(reference, bundle):
     folders = runs.list_checkpoints(reference)
     assert [f.name for f in folders] == ["step-00000012", "step-00000008", "step-00000004"]  # --keep 3
     for folder in folders:
-        assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "checkpoint", "trainer_state.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "optimizer.safetensors", "trainer_state.json"]
         assert runs.checkpoint_problem(folder) is None
         state = runs.read_state(folder)
         assert state["step"] == int(folder.name[5:]) and state["config"]["lr"] == 5e-3
@@ -118,7 +118,7 @@ def test_run_folder_metrics_and_checkpoints(reference, bundle):
     adapter = read_adapter(reference)
     newest = read_adapter(folders[0])
     assert adapter.keys() == newest.keys() and all(np.array_equal(adapter[k], newest[k]) for k in adapter)
-    session = TrainingSession(bundle, checkpoint=folders[0] / runs.ORT_CHECKPOINT, threads=1, with_optimizer=False)
+    session = TrainingSession(bundle, parameters=folders[0] / runs.ADAPTER_FILE, threads=1, with_optimizer=False)
     for name, value in adapter.items():
         assert np.array_equal(session.parameter(name), value)
     best = json.loads((reference / runs.BEST_FILE).read_text())
@@ -169,16 +169,11 @@ def test_three_chained_interruptions_equal_uninterrupted_run(bundle, data, refer
 
 
 def _drop_optimizer_state(folder: Path) -> None:
-    """Rewrite a checkpoint without its optimizer state, keeping it 'intact' (hashes updated)."""
-    from ortft.runtime import training_api
-
-    api = training_api()
-    state = api.CheckpointState.load_checkpoint(str(folder / runs.ORT_CHECKPOINT))
-    stripped = folder / "stripped"
-    api.CheckpointState.save_checkpoint(state, str(stripped), include_optimizer_state=False)
-    os.replace(stripped, folder / runs.ORT_CHECKPOINT)
+    """Rewrite a checkpoint with AdamW's moments zeroed, keeping it 'intact' (hashes updated)."""
+    state, step = runs.read_optimizer_state(folder)
+    (folder / runs.OPTIMIZER_FILE).write_bytes(runs.optimizer_bytes({key: np.zeros_like(value) for key, value in state.items()}, step))
     trainer_state = runs.read_state(folder)
-    trainer_state["files"][runs.ORT_CHECKPOINT] = runs.sha256_file(folder / runs.ORT_CHECKPOINT)
+    trainer_state["files"][runs.OPTIMIZER_FILE] = runs.sha256_file(folder / runs.OPTIMIZER_FILE)
     (folder / runs.STATE_FILE).write_text(json.dumps(trainer_state), encoding="utf-8")
 
 
@@ -187,9 +182,8 @@ def test_resume_without_optimizer_state_is_detected(bundle, data, reference, tmp
     out = tmp_path / "run"
     ok(run_ortft(*train_cmd(bundle, data, out, *BASE, "--stop-after", 5)))
     folder = runs.newest_valid_checkpoint(out)
-    size_before = (folder / runs.ORT_CHECKPOINT).stat().st_size
     _drop_optimizer_state(folder)
-    assert (folder / runs.ORT_CHECKPOINT).stat().st_size < size_before
+    assert not any(np.any(value) for value in runs.read_optimizer_state(folder)[0].values())
     assert runs.checkpoint_problem(folder) is None
     ok(run_ortft(*train_cmd(bundle, data, out, *BASE, "--resume")))
     assert train_losses(out)[:5] == train_losses(reference)[:5]
@@ -240,14 +234,14 @@ def test_resume_refuses_changed_settings_data_and_bundle(bundle, data, tiny_mode
 # ---- crash safety -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["truncate-ort-checkpoint", "corrupt-adapter", "cut-trainer-state", "missing-file"])
+@pytest.mark.parametrize("damage", ["truncate-optimizer-state", "corrupt-adapter", "cut-trainer-state", "missing-file"])
 def test_damaged_newest_checkpoint_is_skipped_with_a_warning(bundle, data, reference, tmp_path, damage):
     out = tmp_path / "run"
     ok(run_ortft(*train_cmd(bundle, data, out, *BASE, "--stop-after", 10)))  # checkpoints 4, 8 (eval/save) and 10 (stop)
     newest = out / "checkpoints/step-00000010"
     assert runs.newest_valid_checkpoint(out) == newest
-    if damage == "truncate-ort-checkpoint":
-        target = newest / runs.ORT_CHECKPOINT
+    if damage == "truncate-optimizer-state":
+        target = newest / runs.OPTIMIZER_FILE
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     elif damage == "corrupt-adapter":
         target = newest / runs.ADAPTER_FILE
@@ -258,7 +252,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(bundle, data, refer
         target = newest / runs.STATE_FILE
         target.write_text(target.read_text()[:40])
     else:
-        (newest / runs.ORT_CHECKPOINT).unlink()
+        (newest / runs.OPTIMIZER_FILE).unlink()
     assert runs.checkpoint_problem(newest) is not None
     assert runs.newest_valid_checkpoint(out) == out / "checkpoints/step-00000008"
 
@@ -363,7 +357,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(bundle, data, long_
     folder = runs.newest_valid_checkpoint(out)
     assert folder is not None
     step = runs.read_state(folder)["step"]
-    session = TrainingSession(bundle, checkpoint=folder / runs.ORT_CHECKPOINT, threads=1)
+    session = TrainingSession(bundle, parameters=folder / runs.ADAPTER_FILE, threads=1)
     adapter = read_adapter(folder)
     assert all(np.array_equal(session.parameter(name), value) for name, value in adapter.items())
     del session
@@ -385,18 +379,18 @@ def _in_process(argv: list, capsys) -> tuple[int, str]:
 
 def test_full_disk_while_checkpointing(bundle, data, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real_save = TrainingSession.save
+    real_bytes = runs.optimizer_bytes
     calls = []
 
-    def save_until_the_disk_fills(self, path, include_optimizer_state=True):
-        calls.append(path)
-        if len(calls) == 3:  # the checkpoint of step 12
-            Path(path).write_bytes(b"\0" * 4096)  # half-written
-            # ORT's own writer on a full device: it raises RuntimeError("... errno:28"), not OSError
-            return real_save(self, "/dev/full", include_optimizer_state)
-        return real_save(self, path, include_optimizer_state)
+    def save_until_the_disk_fills(state, step):
+        calls.append(step)
+        if len(calls) == 3:  # the checkpoint of step 12: the kernel's own ENOSPC, from a write to /dev/full
+            with open("/dev/full", "wb") as full:
+                full.write(b"\0" * 65536)
+                full.flush()
+        return real_bytes(state, step)
 
-    monkeypatch.setattr(TrainingSession, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(runs, "optimizer_bytes", save_until_the_disk_fills)
     code, stderr = _in_process(train_cmd(bundle, data, out, *BASE), capsys)
     monkeypatch.undo()
     assert code == 2 and "disk is full" in stderr and "Traceback" not in stderr
@@ -589,7 +583,7 @@ def test_smollm2_validation_loss_falls_by_a_fifth(smollm2_bundle, tmp_path):
 
 
 def test_a_bundle_with_the_old_adamw_update_trains_with_a_note(bundle, data, tmp_path):
-    """Bundles made before prepare set PyTorch's AdamW update still train, and say how to get it."""
+    """Bundles made before prepare set PyTorch's AdamW update still train (with it), and say so."""
     import shutil
 
     old = tmp_path / "old-bundle"
@@ -599,7 +593,7 @@ def test_a_bundle_with_the_old_adamw_update_trains_with_a_note(bundle, data, tmp
     (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     result = run_ortft(*train_cmd(old, data, tmp_path / "run", *FAST, "--steps", "1", valid=False))
     ok(result)
-    assert "old transformers.AdamW update" in result.stderr and "ortft prepare" in result.stderr
+    assert "old transformers.AdamW update" in result.stderr and "PyTorch's AdamW update" in result.stderr
     result = run_ortft(*train_cmd(bundle, data, tmp_path / "run-new", *FAST, "--steps", "1", valid=False))
     ok(result)
     assert "transformers.AdamW" not in result.stderr

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..fsutil import native_write_errors
 from ..graph.chunked_loss import ChunkedCrossEntropy
 from ..graph.eval_dropout import DisableDropout
+from ..graph.lower_bundle import lower_training_graphs
 from ..graph.external_tensors import ExternalizeInputs, write_external_blobs, write_external_tensors
 from ..graph.lora_scale import ScaleLoraIntermediate
 from ..graph.opset import UpgradeOpset, default_opset
@@ -226,25 +227,6 @@ def generate(
     result["eval_dropout_disabled"] = dropout_off
     result["lowered_training_ops"] = lower_training_graphs(out_dir)
     return result
-
-
-def lower_training_graphs(folder: Path) -> dict:
-    """Lower the training-only ops of both graphs in `folder` to standard ONNX; {graph: {op: count}}."""
-    import onnx
-
-    from ..graph.lower_training_ops import LowerTrainingOps
-
-    lowered = {}
-    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
-        path = folder / file_name
-        graph = onnx.load(str(path), load_external_data=False)
-        lowering = LowerTrainingOps()
-        result = lowering.call(graph)
-        lowered[file_name] = dict(getattr(lowering, "lowered", {}) or {}) or result.count
-        if result.modified:
-            onnx.save_model(graph, str(path))
-        del graph
-    return lowered
 
 
 def run_gradient_builder(loss_graph: LossGraph, out_dir: Path, verbose: bool = False) -> None:
