@@ -253,13 +253,17 @@ from ortft.cli import main
 def test_device_side_needs_no_torch(lora_bundle, tmp_path):
     run = make_run(tmp_path / "run", lora_bundle)
     script = BLOCK_HOST_PACKAGES + f"""
-for fmt in ('merged-onnx', 'peft', 'adapter'):
+for fmt in ('merged-onnx', 'onnx-adapter', 'peft', 'adapter'):
     try:
         main(['export', {str(run)!r}, '--out', {str(tmp_path)!r} + '/' + fmt, '--format', fmt])
     except SystemExit as exc:
         assert not exc.code, exc.code
 try:
     main(['generate', {str(tmp_path / 'merged-onnx')!r}, '--prompt', 'hello', '--max-new-tokens', '4'])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+try:
+    main(['generate', {str(tmp_path / 'onnx-adapter')!r}, '--adapter', 'run', '--prompt', 'hello', '--max-new-tokens', '4'])
 except SystemExit as exc:
     assert not exc.code, exc.code
 assert 'torch' not in sys.modules
