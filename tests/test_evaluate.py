@@ -89,7 +89,7 @@ def test_eval_skips_a_damaged_newest_checkpoint_with_a_warning(bundle, data, tra
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    (run_dir / "checkpoints/step-00000008/checkpoint").write_bytes(b"truncated")
+    (run_dir / "checkpoints/step-00000008/optimizer.safetensors").write_bytes(b"truncated")
     with caplog.at_level(logging.WARNING, logger="ortft.run"):
         record = evaluate_path(run_dir, data["valid"], seq_len=64, threads=1)
     assert record["checkpoint"].endswith("step-00000004")

@@ -64,10 +64,14 @@ def test_layers_adapts_only_the_last_layers(tiny_model_factory, tmp_path):
 def test_manifest_describes_bundle(tiny_llama, tmp_path):
     manifest = prepare_tiny(tiny_llama, tmp_path / "b")
     assert load_verified(tmp_path / "b")["files"] == manifest["files"]
-    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+    for name in ("training_model.onnx", "eval_model.onnx", "initial_adapter.safetensors",
                  "tokenizer/tokenizer.json", "inference/model.onnx"):
         assert name in manifest["files"]
-    assert manifest["versions"]["onnxruntime"] == "1.19.2"
+    assert not {"optimizer_model.onnx", "checkpoint"} & set(manifest["files"])
+    import onnxruntime
+
+    assert manifest["versions"]["onnxruntime"] == onnxruntime.__version__  # the host's stock onnxruntime
+    assert manifest["versions"]["gradient_builder"] == "onnxruntime-training-cpu==1.19.2"
     assert manifest["source"]["weights_sha256"]
     entry = manifest["trainable"][0]
     assert entry["peft_key"] == entry["name"].replace(".default", "")
@@ -139,16 +143,16 @@ def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tm
     from ortft.prepare import artifacts
 
     seen = {}
-    original = artifacts._generate_artifacts
+    original = artifacts.run_gradient_builder
 
-    def spy(module, source, trainable, *rest):
-        graph = onnx.load(source).graph
+    def spy(loss_graph, out_dir, verbose=False):
+        graph = onnx.load(str(loss_graph.path)).graph
         seen["initializers"] = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
         seen["inputs"] = {value.name for value in graph.input}
-        seen["trainable"] = set(trainable)
-        return original(module, source, trainable, *rest)
+        seen["trainable"] = set(loss_graph.trainable)
+        return original(loss_graph, out_dir, verbose)
 
-    monkeypatch.setattr(artifacts, "_generate_artifacts", spy)
+    monkeypatch.setattr(artifacts, "run_gradient_builder", spy)
     manifest = prepare_tiny(tiny_llama, tmp_path / "b")
     assert manifest["frozen"] and seen["initializers"] <= seen["trainable"]
     assert set(manifest["frozen"]) <= seen["inputs"]
@@ -164,7 +168,7 @@ def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tm
         assert not frozen & {value.name for value in graph.input}
     session = TrainingSession(tmp_path / "b", threads=1)
     names = set(session.parameter_names())
-    assert names == seen["trainable"]  # the checkpoint: the adapters and nothing else
+    assert names == seen["trainable"]  # the initial adapter: the adapters and nothing else
     assert not frozen & set(session.input_names)  # constants of the graph, not user inputs
     # the frozen weights ORT uses are the model's: the bytes in the store equal the PyTorch weights
     model = onnx.load(str(tmp_path / "b" / "training_model.onnx"))  # with its external data

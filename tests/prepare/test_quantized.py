@@ -103,23 +103,25 @@ def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(ti
     DequantizeLinear separate and run without arena."""
     from ortft import runtime
 
-    api = runtime.training_api()
     ort = runtime.onnxruntime_module()
     seen = []
-    real_module = api.Module
+    real_options = TrainingSession._options
 
-    def spy(*args, session_options=None, **kwargs):
-        seen.append(session_options)
-        return real_module(*args, session_options=session_options, **kwargs)
+    def spy(self):
+        options = real_options(self)
+        seen.append(options)
+        return options
 
-    monkeypatch.setattr(api, "Module", spy)
+    monkeypatch.setattr(TrainingSession, "_options", spy)
     prepare_tiny(tiny_llama, tmp_path / "fp32")
     prepare_tiny(tiny_llama, tmp_path / "int4", quantize="int4")
-    TrainingSession(tmp_path / "fp32", threads=1)
-    TrainingSession(tmp_path / "int4", threads=1)
+    TrainingSession(tmp_path / "fp32", threads=1).train_session
+    TrainingSession(tmp_path / "int4", threads=1).train_session
     float_options, quantized_options = seen
     assert float_options.enable_cpu_mem_arena and float_options.get_session_config_entry("session.use_env_allocators") == "1"
     assert float_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert not float_options.enable_mem_reuse and not quantized_options.enable_mem_reuse
     assert not quantized_options.enable_cpu_mem_arena
     assert quantized_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for options in seen:  # stock onnxruntime's defaults that cost memory in a training graph
+        assert not options.enable_mem_pattern and options.get_session_config_entry("session.disable_prepacking") == "1"
