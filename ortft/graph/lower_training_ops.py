@@ -148,7 +148,7 @@ class LowerTrainingOps(GraphPass):
         kept = keep_training_dropouts(context)
         if kept:
             counts["Dropout"] = kept
-        new_nodes = []
+        new_nodes, replaced_inputs = [], set()
         for node in model.graph.node:
             lower = LOWERINGS.get((node.domain or "", node.op_type))
             if lower is None:
@@ -157,12 +157,14 @@ class LowerTrainingOps(GraphPass):
             builder = _Builder(context, node)
             lower(node, builder)
             new_nodes.extend(builder.nodes)
+            replaced_inputs.update(node.input)
             counts[node.op_type] += 1
         if counts:
             del model.graph.node[:]
             model.graph.node.extend(new_nodes)
             model.graph.initializer.extend(context.new_initializers)
             del context.new_initializers[:]
+            drop_unused_constants(model.graph, replaced_inputs)
             drop_stale_value_info(model.graph)
         self.lowered = dict(sorted(counts.items()))
         left = training_only_ops(model)
@@ -439,6 +441,19 @@ def _is_unobserved_training_dropout(context: _Context, node, read: set) -> bool:
         return False
     mask = _output(node, 1)
     return mask is None or mask not in read
+
+
+def drop_unused_constants(graph, candidates: set) -> None:
+    """Remove the inline initializers among `candidates` (inputs of lowered nodes, e.g. SliceGrad's steps)
+    that nothing reads any more; external ones stay, untouched."""
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    declared = {value.name for value in graph.input}
+    unused = {tensor.name for tensor in graph.initializer if tensor.name in candidates and tensor.name not in read
+              and tensor.name not in declared and tensor.data_location != TensorProto.EXTERNAL}
+    if unused:
+        kept = [tensor for tensor in graph.initializer if tensor.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def drop_stale_value_info(graph) -> None:

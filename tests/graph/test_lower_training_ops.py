@@ -81,6 +81,8 @@ def lowered_copy(model):
     result = LowerTrainingOps().call(copy)
     assert result.modified and result.count >= 1
     assert not training_only_ops(copy)
+    read = {name for node in copy.graph.node for name in node.input}
+    assert [t.name for t in copy.graph.initializer if t.name not in read] == []  # e.g. SliceGrad's steps: gone
     return copy
 
 
