@@ -36,7 +36,7 @@ from .manifest import (
 from .merge import AdaptedModule, adapted_modules, full_replacements, merge_weights  # noqa: F401  (part of the API)
 from .run import load_adapter
 
-EXPORT_KINDS = ("merged-onnx", "onnx-adapter", "peft", "adapter")
+EXPORT_KINDS = ("merged-onnx", "onnx-adapter", "gguf", "gguf-lora", "peft", "adapter")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ADAPTER_FILE = "adapter.safetensors"

@@ -253,7 +253,7 @@ from ortft.cli import main
 def test_device_side_needs_no_torch(lora_bundle, tmp_path):
     run = make_run(tmp_path / "run", lora_bundle)
     script = BLOCK_HOST_PACKAGES + f"""
-for fmt in ('merged-onnx', 'onnx-adapter', 'peft', 'adapter'):
+for fmt in ('merged-onnx', 'onnx-adapter', 'gguf', 'gguf-lora', 'peft', 'adapter'):
     try:
         main(['export', {str(run)!r}, '--out', {str(tmp_path)!r} + '/' + fmt, '--format', fmt])
     except SystemExit as exc:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import click
 
 from ..export import EXPORT_KINDS
-
-GGUF_TYPES = ("f32", "f16", "q8_0")
+from ..export_gguf import GGUF_TYPES
 
 
 @click.command("export")
