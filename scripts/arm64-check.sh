@@ -81,7 +81,7 @@ if ! command -v debootstrap >/dev/null || ! command -v qemu-aarch64-static >/dev
   apt-get install -y -q qemu-user-static debootstrap binfmt-support >/dev/null
 fi
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
-  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc  # kernel state, like a loaded module: left mounted
+  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; MOUNTS+=(/proc/sys/fs/binfmt_misc)  # unmounted on exit too
 fi
 update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null || die "qemu-aarch64 is not registered with binfmt_misc"
