@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls", "token-cls")
 # Fewest rows per loss slice of a float32 bundle. Quantized bundles keep even slices (1): there memory
 # comes first (SmolLM2 int4 at 1 x 128: 700 MB peak RSS with even slices, 822 MB with 256-row ones, 10% faster).
 FLOAT_LOSS_CHUNK_ROWS = 256

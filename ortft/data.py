@@ -6,6 +6,8 @@ Formats (one JSON object per line; see docs/data.md):
     {"messages": [{"role": ..., "content": ...}]}  causal-lm, rendered with the chat template;
                                                    everything but assistant replies masked by default
     {"text": ..., "label": 0 | "name"}             seq-cls (label: class index or a name from the labels)
+    {"tokens": [...], "tags": [...]}               token-cls, IOB2 tags per word (ortft/data_ner.py)
+    {"text": ..., "entities": [{"start", "end", "label"}]}  token-cls, entities as character spans
 
 Use from the training loop:
     config = DataConfig(seq_len=512, batch_size=4, seed=0)      # or DataConfig.from_train_config(cfg)
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from . import data_ner
 from .errors import ConfigError, DataError, RunError, TemplateError
 
 if TYPE_CHECKING:  # imported for type names only; the loader takes any object with this interface
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TASK_CAUSAL_LM = "causal-lm"
 TASK_SEQ_CLS = "seq-cls"
+TASK_TOKEN_CLS = "token-cls"
 
 FORMAT_TEXT = "text"
 FORMAT_PROMPT_COMPLETION = "prompt-completion"
@@ -98,14 +102,14 @@ class DataConfig:
     batch_tokens: int | None = None  # length-grouped batches of up to this many tokens (rows x longest row)
 
     def __post_init__(self) -> None:
-        if self.task not in (TASK_CAUSAL_LM, TASK_SEQ_CLS):
-            raise ConfigError(f"unknown task {self.task!r}", hint=f"use {TASK_CAUSAL_LM} or {TASK_SEQ_CLS}")
+        if self.task not in (TASK_CAUSAL_LM, TASK_SEQ_CLS, TASK_TOKEN_CLS):
+            raise ConfigError(f"unknown task {self.task!r}", hint=f"use {TASK_CAUSAL_LM}, {TASK_SEQ_CLS} or {TASK_TOKEN_CLS}")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ConfigError(f"seq_len must be an integer of at least 2, got {self.seq_len!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.pack and self.task == TASK_SEQ_CLS:
-            raise ConfigError("packing is for causal-lm data only", hint="drop --pack for a seq-cls bundle")
+        if self.pack and self.task != TASK_CAUSAL_LM:
+            raise ConfigError("packing is for causal-lm data only", hint=f"drop --pack for a {self.task} bundle")
         if self.batch_tokens is not None:
             if not isinstance(self.batch_tokens, int) or self.batch_tokens < self.seq_len:
                 raise ConfigError(
@@ -322,6 +326,8 @@ def _require_text(value: Any, field_name: str, where: str) -> str:
 def _detect_format(record: dict, task: str, where: str) -> str:
     if task == TASK_SEQ_CLS:
         return FORMAT_CLASSIFICATION
+    if task == TASK_TOKEN_CLS:
+        return data_ner.detect_format(record, where)
     if "messages" in record:
         return FORMAT_CHAT
     if "prompt" in record or "completion" in record:
@@ -432,6 +438,10 @@ class _ExampleBuilder:
             label = _read_class_label(_require_field(record, "label", where, data_format), self.config.label_names, where)
             ids = self._encode(text, True, where).ids
             return self._truncate(Example(ids, label, line))
+        if data_format in data_ner.FORMATS:
+            words = data_ner.read_labelled(record, data_format, self.config.label_names, where)
+            encoded = self._encode(words.text, True, where)
+            return self._truncate(Example(list(encoded.ids), data_ner.token_labels(encoded, words), line))
 
         eos_id = self.tokenizer.eos_token_id
         mask = self.mask_prompt_for(data_format)
@@ -509,7 +519,7 @@ def load_dataset(path: Path | str, tokenizer: "TextTokenizer", config: DataConfi
                 hint="use one format per file",
             )
         example = builder.build(record, data_format, where, line)
-        if config.task == TASK_CAUSAL_LM and example.num_label_tokens == 0:
+        if config.task != TASK_SEQ_CLS and example.num_label_tokens == 0:
             num_without_labels += 1
             continue
         examples.append(example)
@@ -627,6 +637,13 @@ def _causal_lm_batch(rows: list[list[Example]], pad_id: int) -> Batch:
     )
 
 
+def _token_classification_batch(rows: list[list[Example]], pad_id: int) -> Batch:
+    """input_ids, attention_mask and per-token labels [batch, seq]; every labelled position carries loss."""
+    batch = _causal_lm_batch(rows, pad_id)
+    inputs = {name: batch.inputs[name] for name in ("input_ids", "attention_mask", "labels")}
+    return Batch(inputs, batch.num_examples, batch.num_tokens, int((inputs["labels"] != IGNORE_INDEX).sum()))
+
+
 def _classification_batch(rows: list[list[Example]], pad_id: int) -> Batch:
     examples = [row[0] for row in rows]
     width = max(len(ex.input_ids) for ex in examples)
@@ -704,6 +721,8 @@ class BatchIterator:
             rows = [self.rows[i] for i in order[batch_index * size : (batch_index + 1) * size].tolist()]
         if self.config.task == TASK_SEQ_CLS:
             return _classification_batch(rows, self.pad_token_id)
+        if self.config.task == TASK_TOKEN_CLS:
+            return _token_classification_batch(rows, self.pad_token_id)
         return _causal_lm_batch(rows, self.pad_token_id)
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:

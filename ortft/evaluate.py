@@ -1,4 +1,5 @@
-"""`evaluate_path`: loss and perplexity (or accuracy) of a bundle or a run's checkpoint on JSONL data."""
+"""`evaluate_path`: loss and perplexity (or accuracy; for token-cls also entity precision, recall and F1) of a
+bundle or a run's checkpoint on JSONL data."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
         record["perplexity"] = result.perplexity
     else:
         record["accuracy"] = result.accuracy
+    if task == "token-cls":  # entity scores; null for a bundle whose labels are not IOB2 tags
+        record.update(precision=result.precision, recall=result.recall, f1=result.f1)
     return record
 
 

@@ -118,6 +118,9 @@ class EvalResult:
     tokens: int
     examples: int
     accuracy: float | None = None
+    precision: float | None = None  # token-cls: strict IOB2 entity scores (ortft/metrics.py)
+    recall: float | None = None
+    f1: float | None = None
 
     @property
     def perplexity(self) -> float:
@@ -129,11 +132,18 @@ class EvalResult:
             record[f"{prefix}perplexity"] = self.perplexity
         else:
             record[f"{prefix}accuracy"] = self.accuracy
+        for name in ("precision", "recall", "f1"):
+            if getattr(self, name) is not None:
+                record[f"{prefix}{name}"] = getattr(self, name)
         return record
 
 
 def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: int | None = None) -> EvalResult:
-    """Token-weighted mean loss over a dataset (and accuracy for seq-cls), with the eval graph."""
+    """Token-weighted mean loss over a dataset (and accuracy for seq-cls; token accuracy and entity
+    precision, recall and F1 for token-cls), with the eval graph."""
+    from .metrics import TokenClassificationScores
+
+    token_scores = TokenClassificationScores(data_config.label_names or []) if task == "token-cls" else None
     total_loss = 0.0
     total_tokens = 0
     examples = 0
@@ -151,10 +161,14 @@ def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: 
             if task == "seq-cls":
                 logits = np.asarray(outputs[1])
                 correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
+            elif token_scores is not None:
+                token_scores.add(np.asarray(outputs[1]), batch.inputs["labels"])
     finally:
         session.release_idle_memory()
     if total_tokens == 0:
         raise RunError("the validation data holds no position to evaluate", hint="check the validation file")
+    if token_scores is not None:
+        return EvalResult(total_loss / total_tokens, total_tokens, examples, **token_scores.result())
     return EvalResult(total_loss / total_tokens, total_tokens, examples, correct / examples if task == "seq-cls" else None)
 
 

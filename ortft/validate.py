@@ -62,6 +62,8 @@ def synthetic_batch(manifest: dict, batch: int = 2, seq: int = 8, seed: int = 0)
     }
     if manifest["task"] == "seq-cls":
         result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch,), dtype=np.int64)
+    elif manifest["task"] == "token-cls":
+        result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch, seq), dtype=np.int64)
     else:
         result["labels"] = input_ids.copy()
     return result

@@ -15,9 +15,11 @@ import click
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run: latest, best, or a checkpoint folder.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="As in training (default: on for prompt/chat data).")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with loss, perplexity/accuracy, tokens.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object with loss, perplexity or accuracy (token-cls: also precision, recall, f1), tokens.")
 def command(bundle_or_run, data, batch_size, seq_len, checkpoint, mask_prompt, threads, as_json):
-    """Evaluate BUNDLE_OR_RUN on --data: loss and perplexity (accuracy for seq-cls)."""
+    """Evaluate BUNDLE_OR_RUN on --data: loss and perplexity (accuracy for seq-cls; token accuracy and
+    strict IOB2 entity precision, recall and F1 for token-cls)."""
     from ..evaluate import evaluate_path
 
     record = evaluate_path(bundle_or_run, data, batch_size=batch_size, seq_len=seq_len, checkpoint=checkpoint,
@@ -30,4 +32,6 @@ def command(bundle_or_run, data, batch_size, seq_len, checkpoint, mask_prompt, t
         click.echo(f"perplexity  {record['perplexity']:.3f}")
     else:
         click.echo(f"accuracy    {record['accuracy']:.4f}")
+    if record.get("f1") is not None:
+        click.echo(f"entities    precision {record['precision']:.4f}  recall {record['recall']:.4f}  f1 {record['f1']:.4f}")
     click.echo(f"tokens      {record['tokens']}  ({record['examples']} examples; {record['checkpoint']})")

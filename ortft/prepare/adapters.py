@@ -15,6 +15,8 @@ from ..errors import AdapterError, InputNotFoundError
 from .architectures import Architecture
 
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+# ortft's classification tasks -> PEFT's task type; their classifier head is trained in full (modules_to_save).
+CLASSIFICATION_TASK_TYPES = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}
 
 
 def count_layers(model) -> int:
@@ -87,7 +89,7 @@ def inject(model, config: PrepareConfig, arch: Architecture, task: str):
     check_settings(config)
     targets = resolve_targets(model, arch, config.targets)
     layer_indices = resolve_layers(model, config.layers)
-    modules_to_save = list(arch.classifier_modules) if task == "seq-cls" else None
+    modules_to_save = list(arch.classifier_modules) if task in CLASSIFICATION_TASK_TYPES else None
     lora_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -97,7 +99,7 @@ def inject(model, config: PrepareConfig, arch: Architecture, task: str):
         use_dora=config.dora,
         use_rslora=config.rslora,
         modules_to_save=modules_to_save,
-        task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
+        task_type=CLASSIFICATION_TASK_TYPES.get(task, "CAUSAL_LM"),
         bias="none",
     )
     return get_peft_model(model, lora_config)

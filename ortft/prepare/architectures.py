@@ -24,7 +24,7 @@ class Architecture:
 
 
 _LLAMA_LIKE = dict(
-    tasks=("causal-lm", "seq-cls"),
+    tasks=("causal-lm", "seq-cls", "token-cls"),
     attention_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
     mlp_modules=("gate_proj", "up_proj", "down_proj"),
     classifier_modules=("score",),
@@ -37,14 +37,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": Architecture("gemma", **_LLAMA_LIKE),
     "phi3": Architecture(
         "phi3",
-        tasks=("causal-lm", "seq-cls"),
+        tasks=("causal-lm", "seq-cls", "token-cls"),
         attention_modules=("qkv_proj", "o_proj"),
         mlp_modules=("gate_up_proj", "down_proj"),
         classifier_modules=("score",),
     ),
     "bert": Architecture(
         "bert",
-        tasks=("seq-cls",),
+        tasks=("seq-cls", "token-cls"),
         attention_modules=("query", "key", "value", "attention.output.dense"),
         mlp_modules=("intermediate.dense", "output.dense"),
         classifier_modules=("classifier",),

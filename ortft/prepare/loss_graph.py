@@ -3,6 +3,8 @@
 Causal LM: the LM head and cross-entropy run only at positions whose (shifted) label is not -100,
 which skips prompt and padding positions entirely (the 49k-vocabulary head is a large share of the
 FLOPs). Sequence classification: cross-entropy over class logits, which are a second output.
+Token classification: cross-entropy over every position whose label is not -100 (the first
+sub-token of each word), with the per-token class logits as a second output.
 """
 
 from __future__ import annotations
@@ -54,8 +56,27 @@ class SequenceClassificationLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.float(), labels), logits
 
 
+class TokenClassificationLoss(torch.nn.Module):
+    """loss = mean cross-entropy of the per-token class logits over positions whose label is not -100
+    (transformers' `*ForTokenClassification` loss); logits [batch, sequence, labels] are returned too."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, input_ids, attention_mask, labels):
+        output = self.peft_model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = output["logits"] if isinstance(output, dict) else output.logits
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX), logits
+
+
 def wrapper_for(task: str, peft_model) -> torch.nn.Module:
-    return CausalLMLoss(peft_model) if task == "causal-lm" else SequenceClassificationLoss(peft_model)
+    if task == "causal-lm":
+        return CausalLMLoss(peft_model)
+    if task == "token-cls":
+        return TokenClassificationLoss(peft_model)
+    return SequenceClassificationLoss(peft_model)
 
 
 def input_names(task: str) -> list[str]:
@@ -80,5 +101,10 @@ def example_inputs(task: str, vocab_size: int, batch: int = 2, seq: int = 16) ->
         labels[:, :4] = IGNORE_INDEX
         labels[attention_mask == 0] = IGNORE_INDEX
         return input_ids, attention_mask, position_ids, labels
+    if task == "token-cls":
+        labels = torch.randint(0, 2, (batch, seq), generator=generator)
+        labels[:, 0] = IGNORE_INDEX
+        labels[attention_mask == 0] = IGNORE_INDEX
+        return input_ids, attention_mask, labels
     labels = torch.randint(0, 2, (batch,), generator=generator)
     return input_ids, attention_mask, labels

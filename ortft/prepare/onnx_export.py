@@ -60,6 +60,8 @@ def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, op
     if task == "seq-cls":
         dynamic_axes["labels"] = {0: "batch"}
         dynamic_axes["logits"] = {0: "batch"}
+    elif task == "token-cls":
+        dynamic_axes["logits"] = {0: "batch", 1: "sequence"}
     base = peft_model.get_base_model()
     with (warnings.catch_warnings(), export_patches(base), export_friendly_activations(base),
           export_friendly_attention(base) as attention_functions_replaced):

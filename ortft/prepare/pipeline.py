@@ -1,6 +1,6 @@
 """`prepare_bundle(config)`: model folder or GGUF -> LoRA training bundle, written atomically.
 
-Stages: resolve and check the source, load it, export the inference template (causal LM),
+Stages: resolve and check the source, load it, export the inference template (a KV-cache LM, or the classifier),
 inject adapters, export the loss graph, generate ORT artifacts (quantizing frozen weights when asked),
 save the tokenizer, write the manifest. Everything goes into a temporary folder that is renamed into place only when complete.
 """
@@ -64,18 +64,32 @@ class StageReporter:
 def _check_task(config: PrepareConfig) -> list[str] | None:
     if config.task not in TASKS:
         raise ConfigError(f"--task {config.task} is unknown", hint=f"choose one of {', '.join(TASKS)}")
-    if config.task == "seq-cls":
+    if config.task in ("seq-cls", "token-cls"):
         labels = config.labels
         if labels is None:
             if not config.num_labels or config.num_labels < 2:
-                raise ConfigError("--task seq-cls needs --num-labels N (N >= 2) or --labels a,b,...")
+                example = "O,B-PER,I-PER,..." if config.task == "token-cls" else "a,b,..."
+                raise ConfigError(f"--task {config.task} needs --num-labels N (N >= 2) or --labels {example}")
             labels = [f"LABEL_{i}" for i in range(config.num_labels)]
         if config.num_labels and config.num_labels != len(labels):
             raise ConfigError(f"--num-labels {config.num_labels} disagrees with {len(labels)} names in --labels")
         if len(set(labels)) != len(labels) or len(labels) < 2:
             raise ConfigError("--labels must name at least two distinct classes")
+        if config.task == "token-cls" and config.labels is not None:
+            check_iob2_labels(labels)
         return labels
     return None
+
+
+def check_iob2_labels(labels: list[str]) -> None:
+    """token-cls label names must be IOB2 tags (O, B-TYPE, I-TYPE): entity metrics and spans rely on them."""
+    from ..iob2 import OUTSIDE, entity_type
+
+    wrong = [name for name in labels if name != OUTSIDE and entity_type(name) is None]
+    if wrong or OUTSIDE not in labels:
+        problem = f"{', '.join(wrong[:3])} {'is not an IOB2 tag' if len(wrong) == 1 else 'are not IOB2 tags'}" if wrong else "there is no O tag"
+        raise ConfigError(f"--labels for token-cls: {problem}",
+                          hint="name the tags O, B-TYPE and I-TYPE, e.g. --labels O,B-PER,I-PER,B-LOC,I-LOC (or give --num-labels N)")
 
 
 def _quantization(config: PrepareConfig):
@@ -187,7 +201,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
     if config.adapter is None:
         adapters.check_settings(config)
     causal = config.task == "causal-lm"
-    reporter = StageReporter(total=8 if causal else 7, quiet=quiet)
+    reporter = StageReporter(total=8, quiet=quiet)
 
     with reporter.stage("reading the model config"):
         hf_config = sources.load_config(source)
@@ -210,6 +224,12 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 from .inference import export_inference_template
 
                 inference_section = export_inference_template(model, stage_dir / "inference", opset=config.opset)
+        elif config.inference_template:
+            with reporter.stage("exporting the inference template (classifier)"):
+                from .classifier_inference import export_classifier_template
+
+                inference_section = export_classifier_template(model, config.task, arch.classifier_modules,
+                                                               stage_dir / "inference", opset=config.opset)
         with reporter.stage("injecting adapters"):
             peft_model = adapters.inject(model, config, arch, config.task)
             trainable = adapters.describe_trainable(peft_model)

@@ -130,17 +130,20 @@ def load_model(source: ModelSource, config, task: str, num_labels: int | None, s
     `quiet` also hides transformers' own progress bar of a GGUF load.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     torch.manual_seed(seed)  # a new classifier head is initialised reproducibly
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    if task == "seq-cls":
+    auto = {"seq-cls": AutoModelForSequenceClassification, "token-cls": AutoModelForTokenClassification}.get(task, AutoModelForCausalLM)
+    if task != "causal-lm":
         config.num_labels = num_labels
+    if task == "seq-cls":
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = getattr(config, "eos_token_id", 0) if not isinstance(
                 getattr(config, "eos_token_id", None), list) else config.eos_token_id[0]
     config._attn_implementation = "eager"
     kwargs = dict(config=config, trust_remote_code=False, local_files_only=True, dtype=torch.float32)
+    if task == "token-cls":
+        kwargs["ignore_mismatched_sizes"] = True  # a classifier head of another label count starts anew (it is trained in full)
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     else:

@@ -29,6 +29,12 @@ def batch_for(manifest: dict, batch: int = 2, seq: int = 12, seed: int = 1) -> d
         labels[:, :3] = -100
         labels[attention_mask == 0] = -100
         result["labels"] = labels
+    elif manifest["task"] == "token-cls":
+        labels = rng.integers(0, len(manifest["labels"]), size=(batch, seq), dtype=np.int64)
+        labels[:, 0] = -100  # a CLS/BOS position
+        labels[:, 2::3] = -100  # later sub-tokens of a word
+        labels[attention_mask == 0] = -100
+        result["labels"] = labels
     else:
         result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch,), dtype=np.int64)
     return result
@@ -53,12 +59,16 @@ def torch_peft_model(manifest: dict, model_dir: Path, adapter_values: dict[str, 
     """The same model in PyTorch + PEFT, with the adapter tensors set to `adapter_values`."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     adapter = manifest["adapter"]
     torch.manual_seed(manifest["prepare"]["config"]["seed"])
     if manifest["task"] == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
+    elif manifest["task"] == "token-cls":
+        model = AutoModelForTokenClassification.from_pretrained(
+            str(model_dir), num_labels=len(manifest["labels"]), attn_implementation="eager", ignore_mismatched_sizes=True
+        )
     else:
         labels = manifest["labels"]
         model = AutoModelForSequenceClassification.from_pretrained(

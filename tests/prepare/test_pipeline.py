@@ -21,6 +21,8 @@ ARCHITECTURES = [
     ("gemma", "causal-lm", {}),
     ("llama", "seq-cls", {"num_labels": 2}),
     ("bert", "seq-cls", {"num_labels": 2}),
+    ("llama", "token-cls", {"labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}),
+    ("bert", "token-cls", {"labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}),
 ]
 
 
