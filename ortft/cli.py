@@ -7,6 +7,7 @@ Each command parses its options, builds a config and calls one function. User er
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -27,6 +28,7 @@ COMMAND_MODULES = {
     "report": "report",
     "export": "export",
     "generate": "generate",
+    "predict": "predict",
     "federate": "federate",
 }
 
@@ -56,7 +58,7 @@ def cli() -> None:
     \b
     Host:    ortft prepare MODEL --out BUNDLE      (needs the [prepare] extra: torch, transformers)
     Device:  ortft train BUNDLE --data train.jsonl --out RUN
-             ortft eval / export / generate / validate / upgrade / info / report
+             ortft eval / export / generate / predict / validate / upgrade / info / report
     """
 
 

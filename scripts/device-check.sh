@@ -15,9 +15,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if "$DEV/bin/python" -m pip show -q onnxruntime-training-cpu >/dev/null 2>&1; then
     "$DEV/bin/python" -m pip uninstall -q -y onnxruntime-training-cpu onnxruntime
   fi
-  "$DEV/bin/python" -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
+  "$DEV/bin/python" -m pip install -q --disable-pip-version-check . 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"
 fi
+# ortft itself as a device installs it: a plain (non-editable) install of this tree, fresh every run, so
+# a module that only works from the source tree (a missing import, an unpackaged file) fails here.
+"$DEV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall . 2>&1 \
+  | grep -v "^WARNING: Location" || true
 
 for host_only in torch transformers peft optimum; do
   if "$DEV/bin/python" -c "import $host_only" 2>/dev/null; then

@@ -23,8 +23,10 @@ shape S, `zeros(S)` is ConstantOfShape(S)):
   Other steps (e.g. -2, or not constant): the positions P = Slice(Reshape(Range(numel), shape), starts,
   ends, axes, steps) are distinct, and dX = Reshape(ScatterElements(zeros(numel), P, dY), shape).
 - GatherGrad(shape, indices, dY; axis) -> dX = zeros(shape) with dX[.., i_k, ..] += dY[.., k, ..]
-  (duplicates add up; negative indices i + d): axis 0: ScatterND(zeros(shape), i[..., None], dY,
-  reduction=add); other axes: the same on dY viewed as [P, N, Q] and transposed to [N, P, Q].
+  (duplicates add up; negative indices i + d): axis 0: dY as rows [K, R], ScatterElements(zeros[d, R],
+  Expand(i[:, None], [K, R]), rows, axis=0, reduction=add) reshaped to shape; other axes: the same on dY
+  viewed as [P, N, Q] and transposed to [N, P, Q]. (Not ScatterND: OpenVINO's provider accepts only
+  ScatterND without reduction.)
 - GatherElementsGrad(dY, shape, indices; axis) -> ScatterElements(zeros(shape), i, dY, axis, reduction=add).
 - GatherNDGrad(shape, indices, dY; batch_dims = 0) -> ScatterND(zeros(shape), i, dY, reduction=add).
 - BroadcastGradientArgs(shape_a, shape_b) -> (axes_a, axes_b): the axes (of the broadcast result,
@@ -557,24 +559,34 @@ def _slice_grad_scatter(node, b: _Builder) -> None:
 
 
 def lower_gather_grad(node, b: _Builder) -> None:
-    _require_opset(b, SCATTER_REDUCTION_OPSET, "ScatterND reduction='add'")
+    _require_opset(b, SCATTER_REDUCTION_OPSET, "ScatterElements reduction='add'")
     shape, indices, d_y = node.input[0], node.input[1], node.input[2]
     axis = _gather_axis(node, b)
     size = b.op("Gather", [shape, b.ints([axis])], axis=0)
     indices = b.normalize_indices(indices, size)
+    count = b.op("Reshape", [b.op("Size", [indices]), b.ints([1])])
     if axis == 0:
-        zeros = b.zeros(shape, d_y)
-        b.op("ScatterND", [zeros, b.op("Unsqueeze", [indices, b.ints([-1])]), d_y], node.output[0], reduction="add")
+        width = b.reduce("ReduceProd", b.op("Slice", [shape, b.ints([1]), b.ints([INT64_MAX])]), [0], keepdims=1)
+        rows = b.op("Reshape", [d_y, b.op("Concat", [count, width], axis=0)])
+        b.op("Reshape", [_scatter_rows_add(b, indices, rows, size, width), shape], node.output[0])
         return
     # [P, N, Q] view of dY (P: the axes before `axis`, N: the indices, Q: the axes after it), rows first.
     before = b.reduce("ReduceProd", b.op("Slice", [shape, b.ints([0]), b.ints([axis])]), [0], keepdims=1)
-    count = b.op("Reshape", [b.op("Size", [indices]), b.ints([1])])
     grouped = b.op("Reshape", [d_y, b.op("Concat", [before, count, b.ints([-1])], axis=0)])
     after = b.op("Gather", [b.op("Shape", [grouped]), b.ints([2])], axis=0)
-    rows_first = b.op("Transpose", [grouped], perm=[1, 0, 2])
-    zeros = b.zeros(b.op("Concat", [size, before, after], axis=0), d_y)
-    scattered = b.op("ScatterND", [zeros, b.op("Reshape", [indices, b.ints([-1, 1])]), rows_first], reduction="add")
+    width = b.op("Mul", [before, after])
+    rows = b.op("Reshape", [b.op("Transpose", [grouped], perm=[1, 0, 2]), b.op("Concat", [count, width], axis=0)])
+    scattered = b.op("Reshape", [_scatter_rows_add(b, indices, rows, size, width), b.op("Concat", [size, before, after], axis=0)])
     b.op("Reshape", [b.op("Transpose", [scattered], perm=[1, 0, 2]), shape], node.output[0])
+
+
+def _scatter_rows_add(b: _Builder, indices: str, rows: str, size: str, width: str) -> str:
+    """zeros[size, width] with row indices[k] += rows[k] (rows: [K, width]), as ScatterElements(axis 0,
+    add) with the indices broadcast along the row: ScatterND's reduction would do the same, but
+    OpenVINO's execution provider accepts ScatterND with reduction='none' only."""
+    expanded = b.op("Expand", [b.op("Reshape", [indices, b.ints([-1, 1])]), b.op("Shape", [rows])])
+    zeros = b.zeros(b.op("Concat", [size, width], axis=0), rows)
+    return b.op("ScatterElements", [zeros, expanded, rows], axis=0, reduction="add")
 
 
 def _gather_axis(node, b: _Builder) -> int:
