@@ -29,7 +29,7 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
     checkpoint_file = None
     if runs.is_run_dir(target):
         run_info = runs.read_run(target)
-        bundle = Path(run_info["bundle"])
+        bundle = runs.run_bundle_dir(target, run_info)
         folder = runs.resolve_checkpoint(target, checkpoint)
         checkpoint_file = folder / runs.ADAPTER_FILE
     else:

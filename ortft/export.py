@@ -29,8 +29,8 @@ from .inference_template import InferenceTemplate
 from .manifest import (
     MANIFEST_NAME,
     bundle_digests,
+    load_verified,
     manifest_digest,
-    read_manifest,
     verify_files,
 )
 from .merge import AdaptedModule, adapted_modules, full_replacements, merge_weights  # noqa: F401  (part of the API)
@@ -64,7 +64,7 @@ def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = "latest") -> R
     """
     run_dir = Path(run_dir)
     run_info = _read_run_json(run_dir)
-    bundle_dir = Path(run_info.get("bundle", ""))
+    bundle_dir = runs.run_bundle_dir(run_dir, run_info)
     if not (bundle_dir / MANIFEST_NAME).is_file():
         raise RunError(
             f"{run_dir / 'run.json'} names bundle {bundle_dir}, which has no {MANIFEST_NAME}",
@@ -102,17 +102,10 @@ def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Pat
 
 
 def check_adapter(manifest: dict, adapter: dict[str, np.ndarray], where: str = "the adapter") -> None:
-    """Every trainable tensor of the manifest must be in `adapter` with its shape."""
-    problems = []
-    for entry in manifest["trainable"]:
-        tensor = adapter.get(entry["name"])
-        if tensor is None:
-            problems.append(f"{entry['name']} missing")
-        elif list(tensor.shape) != list(entry["shape"]):
-            problems.append(f"{entry['name']} has shape {list(tensor.shape)}, expected {entry['shape']}")
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise RunError(f"{where} does not fit the bundle: {shown}", hint="export a checkpoint of a run trained on this bundle")
+    """`adapter` holds exactly the manifest's trainable tensors, with their shapes, finite (ortft/adapter_tensors.py)."""
+    from .adapter_tensors import require_adapter_fits, trainable_shapes
+
+    require_adapter_fits(trainable_shapes(manifest), adapter, where, RunError, hint="export a checkpoint of a run trained on this bundle")
 
 
 # ---- the exports ---------------------------------------------------------------------------------
@@ -216,13 +209,13 @@ def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "late
     if kind != "onnx-adapter":  # an onnx-adapter folder may exist already: its adapter is added to it
         check_output_dir(Path(out_dir), force)
     chosen = resolve_run_checkpoint(run_dir, checkpoint)
-    manifest = read_manifest(chosen.bundle_dir)
+    manifest = load_verified(chosen.bundle_dir)  # the loader gate (ortft/trust.py): every file the export reads
     adapter = load_adapter(chosen.adapter_path)
     check_adapter(manifest, adapter, where=str(chosen.adapter_path))
-    source = {
-        "run": str(Path(run_dir).resolve()),
-        "checkpoint": str(chosen.checkpoint_dir or chosen.adapter_path),
-        "bundle": str(chosen.bundle_dir.resolve()),
+    source = {  # names, not host paths: the export travels (the sha256 identifies the bundle)
+        "run": Path(run_dir).resolve().name,
+        "checkpoint": _relative_to_run(run_dir, chosen.checkpoint_dir or chosen.adapter_path),
+        "bundle": chosen.bundle_dir.resolve().name,
         "bundle_manifest_sha256": manifest_digest(chosen.bundle_dir),
     }
     if kind == "merged-onnx":
@@ -249,6 +242,14 @@ def _check_options_fit(kind: str, quantize: str | None, block_size: int | None, 
     """Each format-specific option belongs to one format: refuse it with any other."""
     if (quantize or block_size is not None) and kind != "merged-onnx":
         hint = "for GGUF, use --gguf-type q8_0" if kind == "gguf" else "drop --quantize (the adapter stays float32), or export --format merged-onnx"
+def _relative_to_run(run_dir: Path | str, path: Path) -> str:
+    """A checkpoint as the export manifest records it: relative to its run (checkpoints/step-N), else its name."""
+    try:
+        return Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
         raise ConfigError(f"--quantize and --block-size apply to --format merged-onnx only, not {kind}", hint=hint)
     if adapter_name is not None and kind != "onnx-adapter":
         raise ConfigError(f"--adapter-name applies to --format onnx-adapter only, not {kind}", hint="drop --adapter-name")

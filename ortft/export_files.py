@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .export_genai import GENAI_CONFIG_FILE, genai_config
 from .fsutil import write_json_atomic
+from .trust import listed_files
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -53,15 +54,13 @@ def generation_config(manifest: dict) -> dict:
     }
 
 
-def copy_tokenizer_to_root(bundle_dir: Path, out_dir: Path) -> list[str]:
-    """Copy every file of the bundle's tokenizer folder to the export's root; returns their names."""
-    source = Path(bundle_dir) / BUNDLE_TOKENIZER_DIR
+def copy_tokenizer_to_root(bundle_dir: Path, out_dir: Path, manifest: dict) -> list[str]:
+    """Copy the files of the bundle's tokenizer folder that its manifest lists (regular files, no links:
+    ortft/trust.py) to the export's root; returns their names. Unlisted files are never copied."""
     names = []
-    if source.is_dir():
-        for path in sorted(source.iterdir()):
-            if path.is_file():
-                shutil.copyfile(path, Path(out_dir) / path.name)
-                names.append(path.name)
+    for relative, path in listed_files(bundle_dir, manifest.get("files") or {}, f"{BUNDLE_TOKENIZER_DIR}/"):
+        shutil.copyfile(path, Path(out_dir) / Path(relative).name, follow_symlinks=False)
+        names.append(Path(relative).name)
     return names
 
 
@@ -88,7 +87,7 @@ def write_serving_files(out_dir: Path, bundle_dir: Path, manifest: dict, model_f
     else:
         notes.append(f"no {CONFIG_FILE}: bundle {bundle_dir} was prepared before ortft kept its source model's "
                      "configuration; Optimum and lm-eval need one: prepare the bundle again (`ortft prepare ... --force`)")
-    copied = copy_tokenizer_to_root(bundle_dir, out_dir)
+    copied = copy_tokenizer_to_root(bundle_dir, out_dir, manifest)
     write_json_atomic(out_dir / GENERATION_CONFIG_FILE, generation_config(manifest))
     write_json_atomic(out_dir / GENAI_CONFIG_FILE, genai_config(manifest, config, model_file, session_config))
     return {"tokenizer": export_tokenizer_section(manifest, copied), "notes": notes}

@@ -25,7 +25,7 @@ def write_export_manifest(staging: Path, kind: str, bundle_dir: Path | None, man
     """Write `staging/manifest.json` for an export of `kind` made from `manifest`'s bundle; returns it."""
     source = dict(source or {})
     if bundle_dir is not None and "bundle_manifest_sha256" not in source:
-        source.update(bundle=str(Path(bundle_dir).resolve()), bundle_manifest_sha256=manifest_digest(bundle_dir))
+        source.update(bundle=Path(bundle_dir).resolve().name, bundle_manifest_sha256=manifest_digest(bundle_dir))
     export_manifest = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,

@@ -6,7 +6,6 @@ bundle's base inference model; `stream_ids` yields token ids.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from .errors import BundleError, ConfigError
 
 logger = logging.getLogger(__name__)
 
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per token of context cannot fit it
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -111,17 +111,23 @@ class ModelFolder:
     folder: Path | None = None  # the folder holding the manifest
     adapter_path: Path | None = None  # an onnx-adapter export's chosen .onnx_adapter file
     adapter_names: list[str] = field(default_factory=list)  # every adapter an onnx-adapter export holds
+    context_length: int | None = None  # prompt + new tokens never exceed this (ortft.trust.context_length)
 
 
 def describe_model_folder(folder: Path | str, adapter: str | None = None) -> ModelFolder:
     """An export made by `ortft export --format merged-onnx` or `onnx-adapter` (`adapter` picks one of its
     adapters; none runs the base model), or a bundle (its base inference model)."""
+    from .trust import context_length, open_model_folder
+
     folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise BundleError(f"{folder} has no manifest.json", hint="pass a folder made by `ortft export` (or a run folder)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = open_model_folder(folder)  # the loader gate: hashes, links, the graphs' external data
     eos_ids = list((manifest.get("model") or {}).get("eos_token_ids") or [])
+    described = _describe(folder, manifest, eos_ids, adapter)
+    described.context_length = context_length(folder, manifest)
+    return described
+
+
+def _describe(folder: Path, manifest: dict, eos_ids: list[int], adapter: str | None) -> ModelFolder:
     kind = manifest.get("kind")
     if manifest.get("format") == "ortft-export" and kind in ("merged-onnx", "onnx-adapter"):
         config = {}
@@ -164,10 +170,9 @@ def _adapter_file(folder: Path, manifest: dict, name: str) -> Path:
         listed = ", ".join(sorted(adapters)) or "none"
         raise ConfigError(f"--adapter {name}: {folder} has no adapter of that name (it has: {listed})",
                           hint=f"export a run into it with `ortft export RUN --format onnx-adapter --out {folder} --adapter-name {name}`")
-    path = folder / adapters[name]["file"]
-    if not path.is_file():
-        raise BundleError(f"{path} is missing although {folder / 'manifest.json'} lists it", hint="export that run into the folder again")
-    return path
+    from .trust import member_path
+
+    return member_path(folder, adapters[name]["file"], BundleError, "export")
 
 
 def inference_session(model_path: Path, provider="cpu", threads: int | None = None, verbose: bool = False,
@@ -284,14 +289,20 @@ class Generator:
             raise ValueError("the prompt has no tokens")
         rng = np.random.default_rng(settings.seed)
         eos_ids = self.eos_token_ids()
+        context = self.folder.context_length
+        if context is not None and len(prompt_ids) > context:
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {context}",
+                              hint="shorten the prompt (or the chat so far)")
+        max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - len(prompt_ids))
         seen = list(prompt_ids)
-        self.stats = GenerationStats(prompt_tokens=len(prompt_ids), stopped_by="max_new_tokens")
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids),
+                                     stopped_by="max_new_tokens" if max_new_tokens == settings.max_new_tokens else "context")
         self.model.reset()
         started = time.perf_counter()
         logits = self.model.forward(list(prompt_ids))
         self.stats.prefill_s = time.perf_counter() - started
         decode_started = time.perf_counter()
-        for step in range(settings.max_new_tokens):
+        for step in range(max_new_tokens):
             token = next_token(logits, seen, settings, rng)
             if token in eos_ids:
                 self.stats.stopped_by = "eos"
@@ -300,7 +311,7 @@ class Generator:
             self.stats.decode_s = time.perf_counter() - decode_started
             yield token
             seen.append(token)
-            if step + 1 < settings.max_new_tokens:
+            if step + 1 < max_new_tokens:
                 logits = self.model.forward([token])
         self.stats.decode_s = time.perf_counter() - decode_started
 
@@ -311,6 +322,10 @@ class Generator:
         """Yield pieces of generated text as they become printable (no split UTF-8 characters)."""
         prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         yield from self._decode_stream(self.stream_ids(prompt_ids, settings))
+        context = self.folder.context_length
+        if context is not None and len(prompt) > context * MAX_CHARS_PER_TOKEN:  # refused before tokenizing it
+            raise ConfigError(f"the prompt has {len(prompt)} characters, far more than the model's context of {context} tokens holds",
+                              hint="shorten the prompt (or the chat so far)")
 
     def stream_chat(self, messages: list[dict], settings: SamplingSettings = SamplingSettings()) -> Iterator[str]:
         """Render `messages` with the chat template (generation prompt on) and stream the reply."""

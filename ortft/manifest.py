@@ -78,7 +78,11 @@ def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dic
         raise BundleError(f"{path} is not valid JSON ({exc})", hint="the bundle is damaged: prepare it again") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
         raise BundleError(f"{path} is not an {expected_format} manifest", hint="pass a folder made by `ortft prepare`")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    from .json_types import check
+    from .schemas import BUNDLE_MANIFEST
+
+    check(manifest, BUNDLE_MANIFEST, str(path), BundleError, hint="the manifest was edited or damaged: prepare the bundle again")
+    if manifest["format_version"] > FORMAT_VERSION:
         raise BundleError(
             f"{path} has format_version {manifest.get('format_version')}, newer than this ortft understands",
             hint="upgrade ortft on this device",
@@ -97,27 +101,23 @@ def require_stock_runtime(root: Path | str, manifest: dict) -> None:
 
 
 def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> list[str]:
-    """Problems with the files the manifest lists (missing, wrong size, wrong hash); empty if none."""
-    problems = []
-    for rel, facts in sorted(manifest.get("files", {}).items()):
-        path = Path(root) / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = path.stat().st_size
-        if size != facts.get("bytes"):
-            problems.append(f"{rel}: {size} bytes, manifest says {facts.get('bytes')}")
-            continue
-        if check_hashes and sha256_file(path) != facts.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    return problems
+    """Problems with the files the manifest lists (outside the folder, a symbolic link, not a regular file,
+    missing, wrong size, wrong hash); empty if none (ortft/trust.py)."""
+    from .trust import verify_listed
+
+    return verify_listed(Path(root), manifest.get("files", {}), check_hashes)
 
 
 def load_verified(root: Path | str, check_hashes: bool = True) -> dict:
-    """read_manifest + verify_files; a damaged bundle is a BundleError listing what is wrong."""
+    """read_manifest + verify_files + the rest of the loader gate (ortft/trust.py: the graphs' external data,
+    the tokenizer files); a damaged or unsafe bundle is a BundleError listing what is wrong."""
+    from .trust import check_external_data, check_tokenizer_files
+
     manifest = read_manifest(root)
     problems = verify_files(Path(root), manifest, check_hashes)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise BundleError(f"bundle {root} is damaged: {shown}", hint="prepare the bundle again or copy it anew")
+    check_external_data(root, manifest["files"])
+    check_tokenizer_files(root, manifest, manifest["tokenizer"]["dir"])
     return manifest

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,12 @@ def adapter_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None
 
 
 def load_adapter(path: Path | str) -> dict[str, np.ndarray]:
-    """Adapter weights keyed by graph name, from a safetensors file (a damaged file is a RunError)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Adapter weights keyed by graph name, as float32, from a safetensors file: float32 or float16 tensors
+    (bfloat16 converted, with a note), finite; anything else (a damaged file, another dtype, NaN) is a RunError
+    naming the file (ortft/adapter_tensors.py)."""
+    from .adapter_tensors import read_adapter_file
 
-    try:
-        return dict(load_file(str(path)))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RunError(f"adapter weights {path} are not a readable safetensors file ({exc})", hint="the file is damaged; pick another checkpoint") from exc
+    return read_adapter_file(path)
 
 
 def optimizer_bytes(state: dict[str, np.ndarray], step: int) -> bytes:
@@ -68,7 +68,7 @@ def optimizer_bytes(state: dict[str, np.ndarray], step: int) -> bytes:
 def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, np.ndarray], state: dict,
                      optimizer_state: dict[str, np.ndarray] | None = None, optimizer_step: int = 0) -> Path:
     """Write checkpoints/step-N atomically: adapter, optimizer state, then trainer_state with their hashes."""
-    final = run_dir / CHECKPOINTS / step_dir_name(step)
+    final = checkpoints_root(run_dir) / step_dir_name(step)
     with staged_dir(final, force=True) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(adapter_bytes(adapter, {"step": str(step)}))
         if optimizer_state:
@@ -102,29 +102,61 @@ def read_optimizer_state(folder: Path) -> tuple[dict[str, np.ndarray], int] | No
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be used, or None when it is intact."""
+    """Why a checkpoint folder cannot be used, or None when it is intact: its trainer_state.json has the
+    expected types and every file it lists is a regular file of the folder (no link) with that sha256."""
+    from .json_types import check
+    from .schemas import TRAINER_STATE
+    from .trust import member_path
+
+    if _is_link(folder):
+        return "the folder is a symbolic link"
     state_path = folder / STATE_FILE
     try:
+        if _is_link(state_path):
+            return f"{state_path.name} is a symbolic link"
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"{state_path.name} unreadable ({exc.__class__.__name__})"
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         return f"{state_path.name} lacks the file hashes"
+    try:
+        check(state, TRAINER_STATE, str(state_path), RunError)
+    except RunError as exc:
+        return exc.message.split(": ", 1)[-1]
     for name, digest in state["files"].items():
-        path = folder / name
-        if not path.is_file():
+        if not os.path.lexists(folder / name):
             return f"{name} missing"
+        try:
+            path = member_path(folder, name, RunError, "checkpoint")
+        except RunError as exc:
+            return exc.message.split(": ", 1)[-1]
         if sha256_file(path) != digest:
             return f"{name} does not match its recorded sha256"
     return None
 
 
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def checkpoints_root(run_dir: Path | str) -> Path:
+    """RUN/checkpoints, refused when it is a symbolic link: ortft writes and prunes only inside the run folder."""
+    root = Path(run_dir) / CHECKPOINTS
+    if _is_link(root):
+        raise RunError(f"{root} is a symbolic link; ortft writes and deletes checkpoints only inside the run folder",
+                       hint="replace the link by a real folder (move the checkpoints into the run folder)")
+    return root
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders of a run, newest (highest step) first; temporary folders are ignored."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and not _is_link(p) and p.is_dir()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
 
 
@@ -139,32 +171,56 @@ def newest_valid_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_state(folder: Path) -> dict:
+    """trainer_state.json of a checkpoint folder (`checkpoint_problem` has checked its types)."""
     return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: set[Path] = frozenset()) -> list[Path]:
     """Delete all but the newest `keep` checkpoints (never one in `protect`); returns what was removed."""
     removed = []
-    for folder in list_checkpoints(run_dir)[max(keep, 1):]:
+    for folder in list_checkpoints(run_dir)[max(keep, 1):]:  # real folders inside RUN/checkpoints only
         if folder.resolve() in {p.resolve() for p in protect}:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
-    for leftover in (Path(run_dir) / CHECKPOINTS).glob(TEMP_PREFIX + "*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # a checkpoint that a killed process never finished
+    for leftover in checkpoints_root(run_dir).glob(TEMP_PREFIX + "*"):
+        if not _is_link(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)  # a checkpoint that a killed process never finished
     return removed
 
 
 def read_run(run_dir: Path | str) -> dict:
     """run.json of a run folder, with a user error if it is not one."""
+    from .json_types import check
+    from .schemas import RUN_INFO
+
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} is not an ortft run folder (no {RUN_FILE})", hint="pass the --out folder of `ortft train`")
+    if _is_link(path):
+        raise RunError(f"{path} is a symbolic link; ortft reads a run's files only inside the run folder", hint="copy the run folder anew")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunError(f"{path} is damaged ({exc})", hint="the run folder cannot be used") from exc
+    check(info, RUN_INFO, str(path), RunError, hint="the run folder was edited or damaged")
+    return info
+
+
+def bundle_reference(run_dir: Path | str, bundle: Path | str) -> str:
+    """How run.json names its bundle: relative to the run folder (the two can move together, and no host path
+    is recorded), or absolute where no relative path exists (another drive)."""
+    try:
+        return Path(os.path.relpath(Path(bundle).resolve(), Path(run_dir).resolve())).as_posix()
+    except ValueError:
+        return str(Path(bundle).resolve())
+
+
+def run_bundle_dir(run_dir: Path | str, info: dict) -> Path:
+    """The bundle folder run.json names: relative to the run folder, or absolute (runs made before)."""
+    recorded = Path(info["bundle"])
+    return recorded if recorded.is_absolute() else Path(run_dir) / recorded
 
 
 def is_run_dir(path: Path | str) -> bool:
@@ -184,7 +240,9 @@ def resolve_checkpoint(run_dir: Path | str, which: str = "latest") -> Path:
         best_path = run_dir / BEST_FILE
         if not best_path.is_file():
             raise RunError(f"run {run_dir} has no best checkpoint (no evaluation ran)", hint="use --checkpoint latest, or train with validation data")
-        folder = run_dir / json.loads(best_path.read_text(encoding="utf-8"))["checkpoint"]
+        from .trust import member_path
+
+        folder = member_path(run_dir, read_best(run_dir)["checkpoint"], RunError, "run", directory=True)
     else:
         folder = Path(which)
         if not folder.is_absolute() and not folder.exists():
@@ -195,6 +253,22 @@ def resolve_checkpoint(run_dir: Path | str, which: str = "latest") -> Path:
     if problem:
         raise RunError(f"checkpoint {folder} is damaged: {problem}", hint="use another checkpoint (latest skips damaged ones)")
     return folder
+
+
+def read_best(run_dir: Path | str) -> dict:
+    """best.json, checked: its checkpoint is a checkpoints/step-NNNNNNNN folder of this run."""
+    from .json_types import check
+    from .schemas import BEST
+
+    path = Path(run_dir) / BEST_FILE
+    if _is_link(path):
+        raise RunError(f"{path} is a symbolic link; ortft reads a run's files only inside the run folder", hint="copy the run folder anew")
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} is damaged ({exc.__class__.__name__})", hint="use --checkpoint latest") from exc
+    check(best, BEST, str(path), RunError, hint="the run folder was edited or damaged; use --checkpoint latest")
+    return best
 
 
 def write_best(run_dir: Path, checkpoint: Path, step: int, eval_loss: float) -> None:

@@ -139,11 +139,16 @@ def without_arena(options) -> None:
     options.enable_cpu_mem_arena = False
 
 
-def load_parameters(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """The trainable tensors from a safetensors file, as float32 arrays keyed by graph name."""
+def load_parameters(path: Path, names: list[str], shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """The trainable tensors from a safetensors file, as float32 arrays keyed by graph name (with `shapes`,
+    {name: shape} of the manifest, exactly those tensors with those shapes)."""
     from .run import load_adapter
 
     arrays = load_adapter(path)
+    if shapes is not None:
+        from .adapter_tensors import require_adapter_fits
+
+        require_adapter_fits(shapes, arrays, str(path))
     missing = [name for name in names if name not in arrays]
     if missing:
         from .errors import RunError
@@ -193,7 +198,7 @@ class TrainingSession:
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         self.trainable = [entry["name"] for entry in self.manifest["trainable"]]
         source = Path(parameters) if parameters is not None else self.bundle_dir / INITIAL_ADAPTER
-        initial = load_parameters(source, self.trainable)
+        initial = load_parameters(source, self.trainable, {entry["name"]: entry["shape"] for entry in self.manifest["trainable"]})
         self.params = FlatTensors({name: initial[name].shape for name in self.trainable})
         self.params.assign(initial)
         del initial

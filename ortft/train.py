@@ -270,14 +270,16 @@ def _report_placement(session, providers, batch_inputs: dict, quiet: bool) -> di
     return counts
 
 
-def load_initial_adapter(session, manifest: dict, path: Path) -> None:
-    """Set the trainable tensors from a safetensors file (e.g. a global adapter in federated training)."""
+def read_initial_adapter(manifest: dict, path: Path) -> dict[str, np.ndarray]:
+    """`--init-adapter`: a safetensors file holding exactly the bundle's trainable tensors, finite float32/float16
+    (bfloat16 converted); checked before the run folder is made, so a bad file leaves nothing behind."""
     from .export import check_adapter, load_adapter
 
+    if not Path(path).is_file():
+        raise ConfigError(f"--init-adapter {path} is not a file", hint="pass the adapter.safetensors of a run or of `ortft export --format adapter`")
     adapter = load_adapter(path)
     check_adapter(manifest, adapter, where=str(path))
-    for entry in manifest["trainable"]:
-        session.set_parameter(entry["name"], np.ascontiguousarray(adapter[entry["name"]], dtype=np.float32))
+    return adapter
 
 
 def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
@@ -321,16 +323,18 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     start_step = int(resume_state["step"]) if resume_state else 0
     position = LoaderPosition.from_dict(resume_state["data_position"]) if resume_state else None
     best = dict(resume_state.get("best") or {}) if resume_state else {}
+    init_adapter = read_initial_adapter(manifest, Path(config.init_adapter)) if config.init_adapter and not resume_state else None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume_state:
         write_json_atomic(run_dir / runs.RUN_FILE, {
             "format": "ortft-run",
-            "bundle": str(bundle.resolve()),
+            "bundle": runs.bundle_reference(run_dir, bundle),
             "bundle_manifest_sha256": bundle_digest,
             "task": task,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "data": {"train": str(Path(config.data).resolve()), "valid": str(Path(config.valid).resolve()) if config.valid else None},
+            # file names only: run.json travels with the run; the data's sha256 is in every checkpoint
+            "data": {"train": Path(config.data).name, "valid": Path(config.valid).name if config.valid else None},
         })
     resolved = config.to_dict()
     resolved.update({"threads": threads, "device": device, "total_steps": plan.total_steps})
@@ -361,8 +365,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         session.load_optimizer_state(*saved_optimizer)
     _seed_ort(config.seed + start_step)
     trainable = [entry["name"] for entry in manifest["trainable"]]
-    if config.init_adapter and not resume_state:
-        load_initial_adapter(session, manifest, Path(config.init_adapter))
+    for name, value in (init_adapter or {}).items():  # e.g. a global adapter in federated training
+        session.set_parameter(name, value)
     # A resume keeps the records up to its checkpoint; a run that starts (over) at step 0 keeps none.
     metrics = MetricsLog(run_dir / runs.METRICS_FILE, keep_through_step=start_step if resume_state else -1)
 

@@ -101,7 +101,7 @@ def test_folder_contents_and_manifest(lora):
     written = json.loads((folder / "manifest.json").read_text())
     assert written["kind"] == "onnx-adapter" and set(written["adapters"]) == {"first"}
     assert written["adapters"]["first"]["file"] == "adapters/first.onnx_adapter"
-    assert written["adapters"]["first"]["run"] == str(lora["runs"]["first"].resolve())
+    assert written["adapters"]["first"]["run"] == lora["runs"]["first"].name  # a name, never a host path (issue 21)
     assert len(written["adapter_inputs"]) == len(adapter_slots(bundle.manifest)) == 14
     q_proj = written["adapter_inputs"][0]
     assert q_proj["module"] == "model.layers.0.self_attn.q_proj"

@@ -102,7 +102,8 @@ def test_run_folder_metrics_and_checkpoints(reference, bundle):
     assert json.loads((reference / "summary.json").read_text()) == summary
 
     run_info = json.loads((reference / runs.RUN_FILE).read_text())
-    assert run_info["bundle"] == str(bundle.resolve()) and run_info["task"] == "causal-lm"
+    assert not Path(run_info["bundle"]).is_absolute() and run_info["task"] == "causal-lm"  # no host path (issue 21)
+    assert runs.run_bundle_dir(reference, run_info).resolve() == bundle.resolve()
     config = json.loads((reference / runs.CONFIG_FILE).read_text())
     assert config["steps"] == 12 and config["seq_len"] == 64 and config["threads"] == 1 and config["total_steps"] == 12
 

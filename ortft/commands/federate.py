@@ -24,9 +24,19 @@ def command() -> None:
 @click.option("--out", required=True, type=click.Path(), help="The run folder (global adapter per round, metrics.jsonl, logs/).")
 @click.option("--rounds", type=int, default=5, show_default=True)
 @click.option("--local-steps", type=int, default=20, show_default=True, help="Optimizer steps each node runs per round.")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum"]), default="fedavg",
+              show_default=True, help="How the nodes' adapters are combined; fedmedian, trimmed-mean and krum (Flower's "
+                                      "FedMedian, FedTrimmedAvg, Krum) resist a minority of bad nodes.")
 @click.option("--proximal-mu", type=float, default=0.01, show_default=True, help="FedProx: weight of the pull towards the global adapter.")
 @click.option("--server-lr", type=float, default=0.01, show_default=True, help="FedAdam: the server's learning rate.")
+@click.option("--dp-clip", "dp_clip", type=click.FloatRange(min=0.0), default=0.0, metavar="NORM",
+              help="Differential privacy (Flower's server-side fixed clipping): clip each node's update to this L2 norm.  [default: off]")
+@click.option("--dp-noise", "dp_noise", type=click.FloatRange(min=0.0), default=0.0, metavar="SIGMA",
+              help="With --dp-clip: Gaussian noise of SIGMA x NORM / min-nodes added to each round's aggregate.")
+@click.option("--max-update-norm", type=click.FloatRange(min=0.0), default=0.0,
+              help="Refuse a reply whose update has a larger L2 norm.  [default: 10 x local-steps x lr x sqrt(trainable parameters)]")
+@click.option("--max-examples", type=click.IntRange(min=1), default=10_000_000, show_default=True,
+              help="Refuse a reply that claims more training examples (its weight in the mean).")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="The nodes' learning rate.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True, help="The nodes' schedule within a round.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -37,8 +47,8 @@ def command() -> None:
 @click.option("--keep", type=int, default=3, show_default=True, help="Round checkpoints to keep (the best is kept too).")
 @click.option("--threads", type=int, default=None, help="ORT threads per node.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved round.")
-def local(bundle, shards, valid, valid_fraction, out, rounds, local_steps, strategy, proximal_mu, server_lr, lr, schedule,
-          batch_size, seq_len, seed, min_nodes, round_timeout, keep, threads, resume) -> None:
+def local(bundle, shards, valid, valid_fraction, out, rounds, local_steps, strategy, proximal_mu, server_lr, dp_clip, dp_noise,
+          max_update_norm, max_examples, lr, schedule, batch_size, seq_len, seed, min_nodes, round_timeout, keep, threads, resume) -> None:
     """Run a federation on this machine: Flower's SuperLink and one SuperNode per --shard, on 127.0.0.1."""
     from ..federated.local import LocalSettings, run_local
 
@@ -46,7 +56,8 @@ def local(bundle, shards, valid, valid_fraction, out, rounds, local_steps, strat
         bundle=bundle, shards=list(shards), out=out, valid=list(valid) or None, valid_fraction=valid_fraction,
         threads=threads, min_nodes=min_nodes,
         run_config={"rounds": rounds, "local-steps": local_steps, "strategy": strategy, "proximal-mu": proximal_mu,
-                    "server-lr": server_lr, "lr": lr, "schedule": schedule, "batch-size": batch_size, "seq-len": seq_len,
+                    "server-lr": server_lr, "dp-clip": dp_clip, "dp-noise": dp_noise, "max-update-norm": max_update_norm,
+                    "max-examples": max_examples, "lr": lr, "schedule": schedule, "batch-size": batch_size, "seq-len": seq_len,
                     "seed": seed, "round-timeout": float(round_timeout), "keep": keep, "resume": resume},
     )
     record = run_local(settings, echo=lambda line: click.echo(line, err=True))

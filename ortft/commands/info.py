@@ -70,13 +70,19 @@ def _layer_span(layers: list[int], total: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def command(bundle, as_json):
     """Summarise BUNDLE: model, parameter counts, adapter settings and file sizes."""
-    from ..manifest import read_manifest
+    from ..errors import BundleError
+    from ..trust import open_bundle
 
-    manifest = read_manifest(bundle)
+    manifest = open_bundle(bundle, check_hashes=False)  # types, paths, links, sizes, the graphs' external data
     if as_json:
         import json
 
         click.echo(json.dumps(manifest, indent=2))
         return
-    for line in summary_lines(manifest):
+    try:
+        lines = summary_lines(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{bundle}/manifest.json lacks a field `info` shows or has a wrong type ({exc.__class__.__name__}: {exc})",
+                          hint="prepare the bundle again") from exc
+    for line in lines:
         click.echo(line)

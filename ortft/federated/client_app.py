@@ -32,7 +32,7 @@ from flwr.supercore import (
 from .. import run as runs
 from ..errors import UserError
 from ..manifest import manifest_digest
-from .aggregate import from_array_record, to_array_record
+from .aggregate import to_array_record
 
 ORTFT_ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the reason carries ortft's message
 
@@ -82,11 +82,12 @@ def _error_reply(msg: Message, node: str, exc: UserError) -> Message:
     return Message(Error(code=ORTFT_ERROR_CODE, reason=reason), reply_to=msg)
 
 
-def check_bundle(settings: NodeSettings, server_digest: str) -> None:
-    """Refuse to work on a bundle other than the server's (the adapter would not fit, or mean something else)."""
+def check_bundle(settings: NodeSettings, server_digest: str) -> dict:
+    """Refuse to work on a bundle other than the server's (the adapter would not fit, or mean something else);
+    returns its manifest."""
     from ..manifest import read_manifest
 
-    read_manifest(settings.bundle)
+    manifest = read_manifest(settings.bundle)
     mine = manifest_digest(settings.bundle)
     if server_digest and mine != server_digest:
         raise BundleMismatch(
@@ -94,6 +95,24 @@ def check_bundle(settings: NodeSettings, server_digest: str) -> None:
             f"(manifest sha256 {mine[:12]}... here, {server_digest[:12]}... on the server)",
             hint="give this SuperNode a copy of the server's bundle (node-config bundle=...)",
         )
+    return manifest
+
+
+def global_adapter_of(msg: Message, manifest: dict) -> dict[str, np.ndarray]:
+    """The server's global adapter: exactly the bundle's trainable tensors, float32, their shapes, finite;
+    anything else is refused (the server is not trusted more than a node is)."""
+    from ..adapter_tensors import trainable_shapes
+    from ..errors import RunError
+    from .reply_checks import read_arrays
+
+    record = msg.content.array_records.get("arrays") if msg.has_content() else None
+    if record is None:
+        raise RunError("the server's message carries no global adapter ('arrays')", hint="check the server's ortft version")
+    adapter, problem = read_arrays(record, trainable_shapes(manifest))
+    if problem:
+        raise RunError(f"the global adapter from the server does not fit this node's bundle: {problem}",
+                       hint="the server and this node must use the same bundle and ortft version")
+    return adapter
 
 
 def _train_config(settings: NodeSettings, config: ConfigRecord, out: Path, init_adapter: Path):
@@ -130,11 +149,10 @@ def _fallback_name(context: Context) -> str:
     return str(context.node_config.get("name") or context.node_config.get("data") or context.node_id)
 
 
-def _checked_config(msg: Message, settings: NodeSettings) -> ConfigRecord:
-    """The request's config, after checking that the server trains the bundle this node holds."""
+def _checked_config(msg: Message, settings: NodeSettings) -> tuple[ConfigRecord, dict]:
+    """The request's config and the bundle's manifest, after checking that the server trains the bundle this node holds."""
     config = msg.content["config"]
-    check_bundle(settings, str(config.get("bundle-sha256", "")))
-    return config
+    return config, check_bundle(settings, str(config.get("bundle-sha256", "")))
 
 
 @app.train()
@@ -146,8 +164,8 @@ def train(msg: Message, context: Context) -> Message:
     try:
         settings = NodeSettings.from_context(context)
         node = settings.name
-        config = _checked_config(msg, settings)
-        global_adapter = from_array_record(msg.content["arrays"])
+        config, manifest = _checked_config(msg, settings)
+        global_adapter = global_adapter_of(msg, manifest)
         with tempfile.TemporaryDirectory(prefix="ortft-federated-") as tmp:
             init = Path(tmp) / "global.safetensors"
             init.write_bytes(runs.adapter_bytes(global_adapter))
@@ -198,17 +216,15 @@ def _eval_setup(settings: NodeSettings, config: ConfigRecord):
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the received global adapter on this node's validation data."""
-    from ..export import check_adapter
     from ..train import evaluate as evaluate_loop
 
     node = _fallback_name(context)
     try:
         settings = NodeSettings.from_context(context)
         node = settings.name
-        config = _checked_config(msg, settings)
+        config, _manifest = _checked_config(msg, settings)
         session, manifest, dataset, data_config = _eval_setup(settings, config)
-        adapter = from_array_record(msg.content["arrays"])
-        check_adapter(manifest, adapter, where="the global adapter")
+        adapter = global_adapter_of(msg, manifest)
         for entry in manifest["trainable"]:
             session.set_parameter(entry["name"], adapter[entry["name"]])
         result = evaluate_loop(session, dataset, data_config, manifest["task"])

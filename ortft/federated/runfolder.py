@@ -38,7 +38,7 @@ def start_run(run_dir: Path, bundle: Path, bundle_digest: str, task: str, settin
     write_json_atomic(run_dir / runs.RUN_FILE, {
         "format": "ortft-run",
         "kind": KIND,
-        "bundle": str(bundle.resolve()),
+        "bundle": runs.bundle_reference(run_dir, bundle),
         "bundle_manifest_sha256": bundle_digest,
         "task": task,
         "created": now(),
@@ -69,7 +69,7 @@ def save_round(run_dir: Path, rnd: int, adapter: dict[str, np.ndarray], state: d
     best = run_dir / runs.BEST_FILE
     protect = set()
     if best.is_file():
-        protect.add(run_dir / json.loads(best.read_text(encoding="utf-8"))["checkpoint"])
+        protect.add(run_dir / runs.read_best(run_dir)["checkpoint"])
     runs.prune_checkpoints(run_dir, keep, protect)
     return folder
 

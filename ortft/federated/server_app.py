@@ -3,15 +3,26 @@
 Run configuration (`flwr run APP --run-config FILE.toml`; defaults in the app's pyproject.toml):
   bundle, out              the server's copy of the bundle; the run folder (created or resumed)
   rounds, local-steps      federated rounds; optimizer steps each node runs per round
-  strategy                 fedavg (example-weighted mean, the default) | fedprox | fedadam
+  strategy                 fedavg (example-weighted mean, the default) | fedprox | fedadam, or the robust
+                           fedmedian | trimmed-mean | krum (Flower's FedMedian, FedTrimmedAvg, Krum)
   proximal-mu, server-lr   FedProx's mu; FedAdam's server learning rate (eta)
+  trim-beta                trimmed-mean: the fraction cut at each end (default 0.2)
+  krum-malicious-nodes     krum: how many nodes may be malicious (default 0)
+  dp-clip, dp-noise        central differential privacy (Flower's DifferentialPrivacyServerSideFixedClipping):
+                           each node's update clipped to L2 norm dp-clip, Gaussian noise of dp-noise x dp-clip
+                           / min-nodes added to the aggregate (dp-clip 0: off)
+  max-update-norm          a reply whose update (adapter minus the global one) has a larger L2 norm is refused
+                           (0: automatic, 10 x local-steps x lr x sqrt(trainable parameters))
+  max-examples             a reply claiming more training examples than this is refused
   lr, batch-size, seq-len, schedule, warmup, seed   the nodes' local training settings
   min-nodes                nodes that must be connected before a round starts (and are sampled at least)
   round-timeout            seconds to wait for replies; a node that has not answered by then is left out
   resume                   continue the run in `out` from its last saved round
   keep                     round checkpoints to keep (the best is kept too)
 
-Each round: send the global adapter to the sampled nodes, aggregate their adapters with the strategy,
+Each round: send the global adapter to the sampled nodes, check every reply (ortft/federated/reply_checks.py:
+exact tensors, float32, finite, a bounded update norm and example count, sane metrics; a bad reply is that
+node's failure and the round goes on), aggregate the others' adapters with the strategy,
 evaluate the new global adapter on every node's validation data, append one record to metrics.jsonl
 (with the sha256 of the adapter the round started from and of the new one), then save the adapter
 (ortft.run.write_checkpoint, atomic). Round 0 evaluates the bundle's own adapter (the base). A node that
@@ -27,6 +38,7 @@ from dataclasses import asdict, dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log  # Flower's logger: its lines reach `flwr run --stream`
@@ -44,8 +56,9 @@ from .aggregate import (
     to_array_record,
     wire_bytes,
 )
+from .reply_checks import ReplyLimits, eval_reply_problem, screen, train_reply_problem
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 
 app = ServerApp()
 
@@ -68,6 +81,12 @@ class ServerSettings:
     round_timeout: float = 3600.0
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    trim_beta: float = 0.2
+    krum_malicious_nodes: int = 0
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    max_update_norm: float = 0.0
+    max_examples: int = 10_000_000
     resume: bool = False
     keep: int = 3
 
@@ -93,22 +112,43 @@ class ServerSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train must lie in (0, 1]")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta {self.trim_beta} must lie in [0, 0.5)")
+        for name in ("krum_malicious_nodes", "dp_clip", "dp_noise", "max_update_norm"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must not be negative")
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise ConfigError("dp-noise needs dp-clip (the clipping norm the noise is scaled by)", hint="give --dp-clip NORM too")
+        if self.max_examples < 1:
+            raise ConfigError("max-examples must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def make_strategy(settings: ServerSettings):
-    """A Flower strategy from flwr.serverapp.strategy, weighted by each node's number of examples."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+    """A Flower strategy from flwr.serverapp.strategy (weighted by each node's number of examples where it weighs),
+    wrapped in Flower's server-side fixed-clipping differential privacy when dp-clip is set."""
+    from flwr.serverapp import strategy as flower
 
     common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0, min_train_nodes=settings.min_nodes,
                   min_evaluate_nodes=settings.min_nodes, min_available_nodes=settings.min_nodes, weighted_by_key="num-examples")
     if settings.strategy == "fedprox":
-        return FedProx(proximal_mu=settings.proximal_mu, **common)
-    if settings.strategy == "fedadam":
-        return FedAdam(eta=settings.server_lr, **common)
-    return FedAvg(**common)
+        strategy = flower.FedProx(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == "fedadam":
+        strategy = flower.FedAdam(eta=settings.server_lr, **common)
+    elif settings.strategy == "fedmedian":
+        strategy = flower.FedMedian(**common)
+    elif settings.strategy == "trimmed-mean":
+        strategy = flower.FedTrimmedAvg(beta=settings.trim_beta, **common)
+    elif settings.strategy == "krum":
+        strategy = flower.Krum(num_malicious_nodes=settings.krum_malicious_nodes, **common)
+    else:
+        strategy = flower.FedAvg(**common)
+    if settings.dp_clip > 0:
+        strategy = flower.DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=settings.dp_noise, clipping_norm=settings.dp_clip, num_sampled_clients=settings.min_nodes)
+    return strategy
 
 
 def _node_name(reply, names: dict[int, str], node_id: int | None = None) -> str:
@@ -150,9 +190,12 @@ def _exchange(grid: Grid, messages: list, timeout: float, names: dict[int, str],
     return good, failures, down, up
 
 
-def _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names):
+def _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names, limits: ReplyLimits):
     messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_config)), grid))
     good, failures, down, up = _exchange(grid, messages, settings.round_timeout, names, "evaluate", rnd)
+    good, refused = screen(good, lambda reply: eval_reply_problem(reply, limits), lambda reply: _node_name(reply, names))
+    _log_refused(refused, rnd, "evaluate")
+    failures += refused
     per_client = {}
     for reply in good:
         metrics = reply.content["metrics"]
@@ -162,6 +205,11 @@ def _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names):
     overall = sum(item["eval_loss"] * item["tokens"] for item in per_client.values()) / tokens if tokens else None
     return {"eval_loss": overall, "eval_loss_per_client": per_client, "eval_failures": failures,
             "eval_bytes_down": down, "eval_bytes_up": up}
+
+
+def _log_refused(refused: list[dict], rnd: int, what: str) -> None:
+    for failure in refused:
+        log(WARNING, "round %d %s: %s: %s", rnd, what, failure["node"], failure["reason"])
 
 
 def run_federation(grid: Grid, settings: ServerSettings) -> dict:
@@ -184,6 +232,8 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
         runfolder.start_run(run_dir, bundle, digest, manifest["task"], {**settings.to_dict(), "kind": "federated"})
     metrics = runfolder.RoundLog(run_dir / runs.METRICS_FILE, keep_through_round=last_round)
     strategy = make_strategy(settings)
+    limits = ReplyLimits.for_run(settings.max_update_norm, settings.max_examples, settings.local_steps, settings.lr,
+                                 sum(value.size for value in adapter.values()))
     arrays = to_array_record(adapter)
     adapter_size = adapter_nbytes(adapter)
     names: dict[int, str] = {}
@@ -193,7 +243,7 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
     best = (state or {}).get("best_eval_loss")
     record: dict = {}
     if last_round == 0 and not any(r.get("round") == 0 for r in runfolder.read_rounds(run_dir)):
-        base = _evaluate(strategy, grid, 0, arrays, eval_config, settings, names)
+        base = _evaluate(strategy, grid, 0, arrays, eval_config, settings, names, limits)
         record = {"round": 0, "step": 0, "event": "base", **base, "adapter_sha256": adapter_sha256(adapter),
                   "adapter_bytes": adapter_size, "base_model_bytes": base_bytes}
         metrics.write(record)
@@ -203,14 +253,23 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
         adapter_in = adapter_sha256(adapter)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         good, failures, down, up = _exchange(grid, messages, settings.round_timeout, names, "train", rnd)
+        good, refused = screen(good, lambda reply: train_reply_problem(reply, adapter, limits), lambda reply: _node_name(reply, names))
+        _log_refused(refused, rnd, "train")
+        failures += refused
+        train_losses = {_node_name(r, names): float(r.content["metrics"]["train-loss"]) for r in good}
+        train_examples = int(sum(int(r.content["metrics"]["num-examples"]) for r in good))
         new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
         if new_arrays is None:
             metrics.write({"round": rnd, "step": rnd, "event": "failed", "train_failures": failures})
             raise RunError(f"round {rnd}: no node returned an adapter ({len(failures)} failed)",
                            hint="see the failures in metrics.jsonl and the SuperNodes' logs; --resume continues from the last round")
-        arrays = to_array_record({name: from_array_record(new_arrays)[name] for name in trainable})
+        aggregated = from_array_record(new_arrays)
+        if set(aggregated) != set(trainable) or not all(np.isfinite(aggregated[name]).all() for name in trainable):
+            raise RunError(f"round {rnd}: the {settings.strategy} aggregate is not a finite adapter of the bundle",
+                           hint="see the round's failures in metrics.jsonl; --resume continues from the last saved round")
+        arrays = to_array_record({name: aggregated[name] for name in trainable})
         adapter = from_array_record(arrays)
-        evaluation = _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names)
+        evaluation = _evaluate(strategy, grid, rnd, arrays, eval_config, settings, names, limits)
         if evaluation["eval_loss"] is not None and (best is None or evaluation["eval_loss"] < best):
             best = evaluation["eval_loss"]
             is_best = True
@@ -221,8 +280,8 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
             "round": rnd, "step": rnd, "event": "round", "strategy": settings.strategy,
             "nodes_sampled": sent, "nodes_trained": len(good),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics and "train-loss" in train_metrics else None,
-            "train_examples": int(sum(int(r.content["metrics"]["num-examples"]) for r in good)),
-            "train_loss_per_client": {_node_name(r, names): float(r.content["metrics"]["train-loss"]) for r in good},
+            "train_examples": train_examples,
+            "train_loss_per_client": train_losses,
             "train_failures": failures,
             **evaluation,
             "adapter_in_sha256": adapter_in, "adapter_sha256": adapter_sha256(adapter),

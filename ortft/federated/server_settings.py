@@ -20,6 +20,12 @@ DEFAULTS = {
     "round-timeout": 3600.0,
     "proximal-mu": 0.01,
     "server-lr": 0.01,
+    "trim-beta": 0.2,
+    "krum-malicious-nodes": 0,
+    "dp-clip": 0.0,
+    "dp-noise": 0.0,
+    "max-update-norm": 0.0,
+    "max-examples": 10_000_000,
     "resume": False,
     "keep": 3,
 }
