@@ -218,6 +218,10 @@ def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "late
         "bundle": chosen.bundle_dir.resolve().name,
         "bundle_manifest_sha256": manifest_digest(chosen.bundle_dir),
     }
+    if manifest.get("task") in ("seq-cls", "token-cls") and kind not in ("peft", "adapter"):
+        from .export_classifier import export_classifier  # merged-onnx with the classifier head; the rest refused
+
+        return export_classifier(kind, chosen.bundle_dir, manifest, adapter, out_dir, force, source, quantize)
     if kind == "merged-onnx":
         return export_merged_onnx(chosen.bundle_dir, manifest, adapter, out_dir, force, source, quantize=quantize, block_size=block_size)
     if kind == "onnx-adapter":
