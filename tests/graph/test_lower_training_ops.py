@@ -703,6 +703,7 @@ BUNDLES = {
     "gemma": ("gemma", {}),
     "llama-seq-cls": ("llama", {"task": "seq-cls", "num_labels": 2}),
     "bert-seq-cls": ("bert", {"task": "seq-cls", "num_labels": 2}),
+    "bert-token-cls": ("bert", {"task": "token-cls", "num_labels": 3}),
     "llama-dora": ("llama", {"dora": True}),
     "phi3-dora": ("phi3", {"dora": True}),
     "llama-int4": ("llama", {"quantize": "int4"}),
@@ -765,7 +766,9 @@ def _bundle_feeds(model, seed: int = 1) -> tuple[dict, dict]:
         elif name == "position_ids":
             user[name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
         elif name == "labels" and rank == 2:
-            labels = rng.integers(3, TINY_VOCAB, size=(batch, length), dtype=np.int64)
+            token_cls = any(output.name == "logits" for output in model.graph.output)
+            low, high = (0, 2) if token_cls else (3, TINY_VOCAB)  # token-cls: tag ids; causal-lm: token ids
+            labels = rng.integers(low, high, size=(batch, length), dtype=np.int64)
             labels[:, :3] = -100
             labels[-1, -3:] = -100
             user[name] = labels
