@@ -242,10 +242,6 @@ def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "late
     return export_adapter(manifest, adapter, out_dir, force, source)
 
 
-def _check_options_fit(kind: str, quantize: str | None, block_size: int | None, adapter_name: str | None, gguf_type: str | None) -> None:
-    """Each format-specific option belongs to one format: refuse it with any other."""
-    if (quantize or block_size is not None) and kind != "merged-onnx":
-        hint = "for GGUF, use --gguf-type q8_0" if kind == "gguf" else "drop --quantize (the adapter stays float32), or export --format merged-onnx"
 def _relative_to_run(run_dir: Path | str, path: Path) -> str:
     """A checkpoint as the export manifest records it: relative to its run (checkpoints/step-N), else its name."""
     try:
@@ -254,6 +250,10 @@ def _relative_to_run(run_dir: Path | str, path: Path) -> str:
         return Path(path).name
 
 
+def _check_options_fit(kind: str, quantize: str | None, block_size: int | None, adapter_name: str | None, gguf_type: str | None) -> None:
+    """Each format-specific option belongs to one format: refuse it with any other."""
+    if (quantize or block_size is not None) and kind != "merged-onnx":
+        hint = "for GGUF, use --gguf-type q8_0" if kind == "gguf" else "drop --quantize (the adapter stays float32), or export --format merged-onnx"
         raise ConfigError(f"--quantize and --block-size apply to --format merged-onnx only, not {kind}", hint=hint)
     if adapter_name is not None and kind != "onnx-adapter":
         raise ConfigError(f"--adapter-name applies to --format onnx-adapter only, not {kind}", hint="drop --adapter-name")

@@ -32,6 +32,7 @@ from .errors import BundleError, ConfigError, OutputExistsError
 from .export_files import write_serving_files
 from .export_manifest import now, read_export_manifest, write_export_manifest
 from .fsutil import TEMP_PREFIX, disk_error, sha256_file, staged_dir, write_json_atomic
+from .inference_template import template_session_config
 from .manifest import MANIFEST_NAME, manifest_digest
 from .merge import AdaptedModule, adapted_modules, dora_output_scale
 
@@ -263,7 +264,8 @@ def export_onnx_adapter(bundle_dir: Path | str, manifest: dict, adapter: dict[st
         return _add_adapter(out_dir, name, tensors, entry, force)
     with staged_dir(out_dir, force) as staging:
         template.write_model(staging, adapter_graph(template, slots), {}, MODEL_FILE, DATA_FILE)
-        serving = write_serving_files(staging, bundle_dir, manifest, MODEL_FILE)
+        session_config = template_session_config(manifest)  # a QLoRA bundle's base stays quantized here
+        serving = write_serving_files(staging, bundle_dir, manifest, MODEL_FILE, session_config)
         write_onnx_adapter(staging / entry["file"], tensors)
         extra = {
             "inference": inference_facts(manifest),
@@ -273,6 +275,7 @@ def export_onnx_adapter(bundle_dir: Path | str, manifest: dict, adapter: dict[st
                                 "inputs": [{"name": input_name, "shape": shape, "default": default} for input_name, shape, default in slot.inputs()]}
                                for slot in slots],
             "adapters": {name: entry},
+            **({"session_config": session_config} if session_config else {}),
             **({"notes": serving["notes"]} if serving["notes"] else {}),
         }
         bundle_source = {key: value for key, value in (source or {}).items() if key in ("bundle", "bundle_manifest_sha256")}

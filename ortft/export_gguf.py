@@ -63,6 +63,16 @@ def _model_name(manifest: dict) -> str:
 # ---- merged ------------------------------------------------------------------------------------------
 
 
+def _hf_shape(template, record: dict) -> list[int]:
+    """A parameter's shape in Hugging Face's layout, from the graph (no weights read)."""
+    value = record["value"]
+    if value in template.initializers:
+        dims = list(template.initializers[value].dims)
+    else:
+        dims = template.dequantized_dims(record)
+    return dims[::-1] if record["layout"] == "in_out" else dims
+
+
 def _ggml_type(gguf, values_shape: list[int], gguf_type: str):
     """The GGML type of one tensor: 1-D tensors stay f32; q8_0 needs rows a multiple of 32 long."""
     types = gguf.GGMLQuantizationType
@@ -105,16 +115,14 @@ def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.nd
     merged = merge_weights(manifest, template.read_weights(base_names), adapter)
     merged_by_initializer = template.by_initializer(merged)  # a tied head cannot be merged: refused as for ONNX
     vocab = gguf_vocab(bundle_dir, manifest, int(config["vocab_size"]))
-    layouts = {facts["initializer"]: facts["layout"] for facts in template.section["weights"].values()}
     plan = []  # (gguf name, hf name, shape in HF's layout, ggml type)
-    for tensor in template.proto.graph.initializer:
-        gguf_name = names.gguf_name(tensor.name)
+    for hf_name, record in template.parameters().items():
+        gguf_name = names.gguf_name(hf_name)
         if gguf_name is None:
-            if tensor.name.endswith((".weight", ".bias")):
-                raise BundleError(f"llama.cpp's {arch} layout has no tensor for {tensor.name}", hint="use --format merged-onnx or peft")
+            if hf_name.endswith((".weight", ".bias")):
+                raise BundleError(f"llama.cpp's {arch} layout has no tensor for {hf_name}", hint="use --format merged-onnx or peft")
             continue
-        shape = list(tensor.dims)[::-1] if layouts.get(tensor.name) == "in_out" else list(tensor.dims)
-        plan.append((gguf_name, tensor.name, shape, _ggml_type(gguf, shape, gguf_type)))
+        plan.append((gguf_name, hf_name, record, _ggml_type(gguf, _hf_shape(template, record), gguf_type)))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     with staged_dir(Path(out_dir), force) as staging:
         path = staging / MODEL_FILE
@@ -125,16 +133,16 @@ def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.nd
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hyperparameters(writer, arch, config, _context_length(config, manifest))
         vocab.write(writer)
-        for gguf_name, _hf_name, shape, ggml_type in plan:
+        for gguf_name, _hf_name, record, ggml_type in plan:
+            shape = _hf_shape(template, record)
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(gguf, shape, ggml_type), raw_dtype=ggml_type)
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _gguf_name, hf_name, _shape, ggml_type in plan:
-            tensor = template.initializers[hf_name]
-            values = merged_by_initializer.get(hf_name)
-            values = np.asarray(values if values is not None else template.array(tensor), dtype=np.float32)
-            if layouts.get(hf_name) == "in_out":
+        for _gguf_name, hf_name, record, ggml_type in plan:
+            values = merged_by_initializer.get(record["value"])
+            values = np.asarray(values if values is not None else template.read_value(record["value"]), dtype=np.float32)
+            if record["layout"] == "in_out":
                 values = values.T
             writer.write_tensor_data(_encode(gguf, gguf_rows(hf_name, values, config["model_type"], config), ggml_type))
             del values

@@ -77,12 +77,11 @@ class QuantizedExportWriter:
     """Rewrites a copy of the template graph and writes model.onnx + model.onnx.data into a folder."""
 
     def __init__(self, template, scheme: str, block_size: int | None):
-        import copy
 
         self.template = template
         self.scheme = scheme
         self.block_size = block_size
-        self.proto = copy.deepcopy(template.proto)
+        self.proto = template.float_proto()  # dequantized base weights (QLoRA bundles) as float initializers
         self.layers: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
 

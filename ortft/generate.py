@@ -130,7 +130,7 @@ def describe_model_folder(folder: Path | str, adapter: str | None = None) -> Mod
 def _describe(folder: Path, manifest: dict, eos_ids: list[int], adapter: str | None) -> ModelFolder:
     kind = manifest.get("kind")
     if manifest.get("format") == "ortft-export" and kind in ("merged-onnx", "onnx-adapter"):
-        config = {}
+        config = dict(manifest.get("session_config") or {})  # what the export's graph needs (recorded by export)
         if (manifest.get("quantization") or {}).get("scheme") == "int8":
             # int8 weights are DequantizeLinear -> MatMul; ORT has no fused CPU kernel for them and by default
             # re-runs the DequantizeLinear every forward (~18x slower on SmolLM2). This lets its constant
@@ -149,7 +149,9 @@ def _describe(folder: Path, manifest: dict, eos_ids: list[int], adapter: str | N
         raise ConfigError(f"--adapter {adapter}: {folder} holds no adapters to choose from",
                           hint="pass a folder made by `ortft export --format onnx-adapter`")
     if manifest.get("format") == "ortft-bundle" and manifest.get("inference"):
-        return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids, folder=folder)
+        from .inference_template import template_session_config
+
+        return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids, template_session_config(manifest), folder)
     raise BundleError(
         f"{folder} holds no ONNX model to generate with (format {manifest.get('format')}, kind {kind})",
         hint="export with --format merged-onnx or onnx-adapter, or pass the run folder itself",
@@ -287,13 +289,13 @@ class Generator:
         """Yield new token ids one at a time; stop at an eos token (not yielded) or after max_new_tokens."""
         if not len(prompt_ids):
             raise ValueError("the prompt has no tokens")
-        rng = np.random.default_rng(settings.seed)
-        eos_ids = self.eos_token_ids()
         context = self.folder.context_length
         if context is not None and len(prompt_ids) > context:
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {context}",
                               hint="shorten the prompt (or the chat so far)")
         max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - len(prompt_ids))
+        rng = np.random.default_rng(settings.seed)
+        eos_ids = self.eos_token_ids()
         seen = list(prompt_ids)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids),
                                      stopped_by="max_new_tokens" if max_new_tokens == settings.max_new_tokens else "context")
@@ -320,12 +322,12 @@ class Generator:
 
     def stream_text(self, prompt: str, settings: SamplingSettings = SamplingSettings(), add_special_tokens: bool = True) -> Iterator[str]:
         """Yield pieces of generated text as they become printable (no split UTF-8 characters)."""
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        yield from self._decode_stream(self.stream_ids(prompt_ids, settings))
         context = self.folder.context_length
         if context is not None and len(prompt) > context * MAX_CHARS_PER_TOKEN:  # refused before tokenizing it
             raise ConfigError(f"the prompt has {len(prompt)} characters, far more than the model's context of {context} tokens holds",
                               hint="shorten the prompt (or the chat so far)")
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        yield from self._decode_stream(self.stream_ids(prompt_ids, settings))
 
     def stream_chat(self, messages: list[dict], settings: SamplingSettings = SamplingSettings()) -> Iterator[str]:
         """Render `messages` with the chat template (generation prompt on) and stream the reply."""

@@ -267,6 +267,10 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                                         recompute_activations=config.recompute_activations)
             quantization_section = passes.pop("quantization", None)
             frozen_weights_section = passes.pop("frozen_weights")
+            if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files
+                from .shared_weights import share_template_weights
+
+                inference_section = share_template_weights(stage_dir, inference_section, trainable)
         with reporter.stage("writing the manifest"):
             shutil.rmtree(work_dir)
             manifest = {

@@ -67,8 +67,9 @@ def test_manifest_describes_bundle(tiny_llama, tmp_path):
     manifest = prepare_tiny(tiny_llama, tmp_path / "b")
     assert load_verified(tmp_path / "b")["files"] == manifest["files"]
     for name in ("training_model.onnx", "eval_model.onnx", "initial_adapter.safetensors",
-                 "tokenizer/tokenizer.json", "inference/model.onnx"):
+                 "tokenizer/tokenizer.json", "inference_model.onnx", "inference/config.json"):
         assert name in manifest["files"]
+    assert not {"inference/model.onnx", "inference/model.onnx.data"} & set(manifest["files"])  # weights stored once
     assert not {"optimizer_model.onnx", "checkpoint"} & set(manifest["files"])
     import onnxruntime
 
