@@ -54,4 +54,16 @@ if [ -f data/sft/train.jsonl ] && "$DEV/bin/ortft" --help | grep -q "^  train ";
   "$DEV/bin/ortft" export "$work/run" --out "$work/peft" --format peft
   "$DEV/bin/ortft" generate "$work/export" --prompt "Hello" --max-new-tokens 8
 fi
+if [ -f data/ner/train.jsonl ]; then
+  # token classification: a tiny BERT NER bundle from the host; train, eval, export and predict here
+  .venv/bin/python -m ortft.prepare.tiny "$work/bert" bert >/dev/null
+  .venv/bin/ortft prepare "$work/bert" --out "$work/ner-bundle" --task token-cls \
+    --labels O,B-PER,I-PER,B-LOC,I-LOC,B-ORG,I-ORG --rank 4 --alpha 8 2>/dev/null
+  "$DEV/bin/ortft" train "$work/ner-bundle" --data data/ner/train.jsonl --valid data/ner/valid.jsonl --out "$work/ner-run" \
+    --steps 4 --batch-size 4 --seq-len 64 --eval-every 2 --save-every 4 --max-eval-batches 2
+  "$DEV/bin/ortft" eval "$work/ner-run" --data data/ner/valid.jsonl --json | "$DEV/bin/python" -c 'import json, sys; record = json.load(sys.stdin); assert {"accuracy", "precision", "recall", "f1"} <= set(record), record'
+  "$DEV/bin/ortft" export "$work/ner-run" --out "$work/ner-export"
+  "$DEV/bin/ortft" predict "$work/ner-export" --data data/ner/sentences.jsonl --out "$work/ner-predictions.jsonl"
+  "$DEV/bin/ortft" predict "$work/ner-run" --data data/ner/sentences.jsonl >/dev/null
+fi
 echo "[device-check] ok: device commands ran without torch/transformers"
