@@ -95,6 +95,7 @@ class TrainConfig:
     provider: str = "auto"  # the best execution provider installed (ortft/providers.py AUTO_ORDER)
     max_eval_batches: int | None = None
     init_adapter: str | None = None  # start from these adapter weights (safetensors, graph names)
+    max_example_chars: int | None = None  # data: characters an example keeps before tokenizing (None: 64 x seq_len)
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -116,3 +117,23 @@ class SamplingSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+
+
+@dataclass
+class InputLimits:
+    """What input from elsewhere (data files, chat templates, prompts) may cost before ortft cuts or refuses it
+    (docs/security.md). The data caps scale with --seq-len; `--max-example-chars` raises them."""
+
+    template_seconds: float = 5.0  # one render of a chat template; a longer one is stopped (TemplateError)
+    template_chars: int = 4_000_000  # the text one render may make; at least 2 x the example cap (ChatTemplate)
+    chars_per_token: int = 64  # an example is cut at --seq-len x this many characters before it is tokenized
+    line_bytes_per_char: int = 6  # a JSONL line may hold 6 bytes per allowed character (a \uXXXX escape) ...
+    line_bytes_extra: int = 1 << 16  # ... plus 64 KiB (keys, other fields)
+
+    def example_chars(self, seq_len: int, max_example_chars: int | None = None) -> int:
+        """The characters an example keeps before tokenizing: `max_example_chars`, or seq_len x chars_per_token."""
+        return int(max_example_chars) if max_example_chars else int(seq_len) * self.chars_per_token
+
+    def line_bytes(self, example_chars: int) -> int:
+        """The longest JSONL line read for an example cap of `example_chars` characters."""
+        return example_chars * self.line_bytes_per_char + self.line_bytes_extra

@@ -54,7 +54,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from . import data_ner
+from .config import InputLimits
+from .data_limits import cut_messages, cut_prompt_completion, cut_text
 from .errors import ConfigError, DataError, RunError, TemplateError
+from .jsonl import UTF8_BOM, JsonlReader  # noqa: F401  (UTF8_BOM: part of the API)
+from .jsonl import json_type as _json_type
 
 if TYPE_CHECKING:  # imported for type names only; the loader takes any object with this interface
     from .tokenizer import TextTokenizer
@@ -71,7 +75,6 @@ FORMAT_PROMPT_COMPLETION = "prompt-completion"
 FORMAT_CHAT = "chat"
 FORMAT_CLASSIFICATION = "text-label"
 
-UTF8_BOM = b"\xef\xbb\xbf"
 
 # Separate random streams (numpy SeedSequence entropy) so the split and the shuffles never correlate.
 _SPLIT_STREAM = 0x5EED_5B17
@@ -100,6 +103,7 @@ class DataConfig:
     label_names: Sequence[str] | None = None
     shuffle: bool = True
     batch_tokens: int | None = None  # length-grouped batches of up to this many tokens (rows x longest row)
+    max_example_chars: int | None = None  # characters an example keeps before tokenizing (None: InputLimits' default)
 
     def __post_init__(self) -> None:
         if self.task not in (TASK_CAUSAL_LM, TASK_SEQ_CLS, TASK_TOKEN_CLS):
@@ -119,6 +123,23 @@ class DataConfig:
             if self.pack:
                 raise ConfigError("give either --pack or --batch-tokens, not both",
                                   hint="--batch-tokens groups whole examples by length; --pack concatenates them")
+        if self.max_example_chars is not None and (not isinstance(self.max_example_chars, int) or self.max_example_chars < 1):
+            raise ConfigError(f"--max-example-chars must be a whole number of at least 1, got {self.max_example_chars!r}")
+
+    @property
+    def example_chars(self) -> int:
+        """Characters an example keeps before it is tokenized (--max-example-chars, or --seq-len x 64)."""
+        return InputLimits().example_chars(self.seq_len, self.max_example_chars)
+
+    @property
+    def line_bytes(self) -> int:
+        """The longest JSONL line read (6 bytes per kept character, for \\uXXXX escapes, plus 64 KiB)."""
+        return InputLimits().line_bytes(self.example_chars)
+
+    @property
+    def max_turns(self) -> int:
+        """Messages a chat example keeps: every message renders at least one token, so --seq-len of them."""
+        return self.seq_len
 
     @classmethod
     def from_train_config(cls, train_config, task: str = TASK_CAUSAL_LM, label_names: Sequence[str] | None = None):
@@ -132,10 +153,11 @@ class DataConfig:
             pack=train_config.pack,
             label_names=label_names,
             batch_tokens=train_config.batch_tokens,
+            max_example_chars=getattr(train_config, "max_example_chars", None),
         )
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: millions of small examples stay small
 class Example:
     """One tokenized example. `labels` is a per-token list (causal-lm) or a class id (seq-cls)."""
 
@@ -226,88 +248,15 @@ class LoaderPosition:
 # ---- reading JSONL ------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
+def read_jsonl(path: Path, max_line_bytes: int | None = None) -> tuple[str, list[tuple[int, dict]]]:
+    """Read a whole JSONL file strictly (ortft/jsonl.py): (sha256 of the file, [(line number, object)]).
 
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} does not fit a finite float")
-    return value
-
-
-def _parse_json_line(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def read_jsonl(path: Path) -> tuple[str, list[tuple[int, dict]]]:
-    """Read a JSONL file strictly: returns (sha256 of the file, [(line number, object)]).
-
-    Accepts a UTF-8 BOM, CRLF line ends and blank lines; raises DataError naming file and line for
-    anything else that is wrong.
+    For small files; `load_dataset` streams (one line in memory at a time). Accepts a UTF-8 BOM, CRLF line
+    ends and blank lines; raises DataError naming file and line for anything else that is wrong.
     """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}", hint="check the path given to --data") from exc
-    sha256 = hashlib.sha256(raw).hexdigest()
-    body = raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
-    lines = body.split(b"\n")
-    ends_with_newline = body.endswith(b"\n")
-    records: list[tuple[int, dict]] = []
-    for number, line_bytes in enumerate(lines, start=1):
-        line_bytes = line_bytes[:-1] if line_bytes.endswith(b"\r") else line_bytes
-        where = f"{path}, line {number}"
-        try:
-            text = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{where}: not valid UTF-8 (bad byte at column {exc.start + 1})",
-                hint="save the file as UTF-8",
-            ) from exc
-        if not text.strip():
-            continue
-        is_unterminated_last_line = number == len(lines) and not ends_with_newline
-        try:
-            value = _parse_json_line(text)
-        except (ValueError, RecursionError) as exc:
-            if is_unterminated_last_line:
-                raise DataError(
-                    f"{where}: the last line is incomplete JSON and has no line end; the file looks truncated ({exc})",
-                    hint="the file was probably cut off while being written or copied; write it again",
-                ) from exc
-            if isinstance(exc, RecursionError):
-                reason = "JSON nested too deeply"
-            else:
-                reason = str(exc)
-            raise DataError(
-                f"{where}: not valid JSON ({reason})",
-                hint="each line must be one JSON object; NaN and Infinity are not allowed",
-            ) from exc
-        if not isinstance(value, dict):
-            raise DataError(
-                f"{where}: expected a JSON object, found {_json_type(value)}",
-                hint='each line must be an object such as {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}',
-            )
-        records.append((number, value))
-    if not records:
-        raise DataError(f"{path} is empty (no JSON lines)", hint="give a JSONL file with one example per line")
-    return sha256, records
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    reader = JsonlReader(path, max_line_bytes)
+    records = list(reader)
+    return reader.sha256, records
 
 
 def _require_text(value: Any, field_name: str, where: str) -> str:
@@ -420,6 +369,7 @@ class _ExampleBuilder:
     def __init__(self, tokenizer: "TextTokenizer", config: DataConfig):
         self.tokenizer = tokenizer
         self.config = config
+        self.chars = config.example_chars  # cut before tokenizing (ortft/data_limits.py)
 
     def mask_prompt_for(self, data_format: str) -> bool:
         if data_format == FORMAT_TEXT:
@@ -433,20 +383,29 @@ class _ExampleBuilder:
             raise DataError(f"{where}: the tokenizer could not encode this text ({exc})", hint="check the text of that line") from exc
 
     def build(self, record: dict, data_format: str, where: str, line: int) -> Example:
+        """The example of one record, cut to the character cap before it is tokenized and to seq_len after."""
+        cut, example = self._build(record, data_format, where, line)
+        example = self._truncate(example)
+        if cut:
+            example.truncated = True
+        return example
+
+    def _build(self, record: dict, data_format: str, where: str, line: int) -> tuple[bool, Example]:
+        cut = False
         if data_format == FORMAT_CLASSIFICATION:
-            text = _require_text(_require_field(record, "text", where, data_format), "text", where)
+            text, cut = cut_text(_require_text(_require_field(record, "text", where, data_format), "text", where), self.chars)
             label = _read_class_label(_require_field(record, "label", where, data_format), self.config.label_names, where)
             ids = self._encode(text, True, where).ids
-            return self._truncate(Example(ids, label, line))
+            return cut, Example(ids, label, line)
         if data_format in data_ner.FORMATS:
             words = data_ner.read_labelled(record, data_format, self.config.label_names, where)
             encoded = self._encode(words.text, True, where)
-            return self._truncate(Example(list(encoded.ids), data_ner.token_labels(encoded, words), line))
+            return cut, Example(list(encoded.ids), data_ner.token_labels(encoded, words), line)
 
         eos_id = self.tokenizer.eos_token_id
         mask = self.mask_prompt_for(data_format)
         if data_format == FORMAT_TEXT:
-            text = _require_text(_require_field(record, "text", where, data_format), "text", where)
+            text, cut = cut_text(_require_text(_require_field(record, "text", where, data_format), "text", where), self.chars)
             encoded = self._encode(text, True, where)
             labels = _labels_for_spans(encoded, None)
             ids = list(encoded.ids)
@@ -454,15 +413,18 @@ class _ExampleBuilder:
         elif data_format == FORMAT_PROMPT_COMPLETION:
             prompt = _require_text(_require_field(record, "prompt", where, data_format), "prompt", where)
             completion = _require_text(_require_field(record, "completion", where, data_format), "completion", where)
+            prompt, completion, cut = cut_prompt_completion(prompt, completion, self.chars)
             text = prompt + completion
             encoded = self._encode(text, True, where)
             labels = _labels_for_spans(encoded, [(len(prompt), len(text))] if mask else None)
             ids = list(encoded.ids)
             _append_eos(ids, labels, eos_id, learn=True)
         else:
-            messages = _read_messages(record, where)
+            messages, cut = cut_messages(_read_messages(record, where), self.chars, self.config.max_turns)
             try:
-                rendered = self.tokenizer.compiled_chat_template.render_with_assistant_spans(messages)
+                template = self.tokenizer.compiled_chat_template
+                template.allow_chars(2 * self.chars)  # a raised --max-example-chars raises the template's cap with it
+                rendered = template.render_with_assistant_spans(messages)
             except TemplateError as exc:
                 raise TemplateError(f"{where}: {exc.message}", hint=exc.hint) from exc
             encoded = self._encode(rendered.text, False, where)
@@ -470,7 +432,7 @@ class _ExampleBuilder:
             ids = list(encoded.ids)
         if labels:
             labels[0] = IGNORE_INDEX  # nothing predicts an example's first token
-        return self._truncate(Example(ids, labels, line))
+        return cut, Example(ids, labels, line)
 
     def _truncate(self, example: Example) -> Example:
         limit = self.config.seq_len
@@ -502,13 +464,13 @@ def _stats(path: Path, data_format: str, task: str, examples: list[Example], num
 def load_dataset(path: Path | str, tokenizer: "TextTokenizer", config: DataConfig) -> TokenizedDataset:
     """Read, validate and tokenize a JSONL file. Bad data raises DataError naming the file and line."""
     path = Path(path)
-    sha256, records = read_jsonl(path)
+    reader = JsonlReader(path, config.line_bytes)  # one line at a time, none longer than the cap
     builder = _ExampleBuilder(tokenizer, config)
     file_format: str | None = None
     first_line = 0
     examples: list[Example] = []
     num_without_labels = 0
-    for line, record in records:
+    for line, record in reader:
         where = f"{path}, line {line}"
         data_format = _detect_format(record, config.task, where)
         if file_format is None:
@@ -524,7 +486,8 @@ def load_dataset(path: Path | str, tokenizer: "TextTokenizer", config: DataConfi
             continue
         examples.append(example)
     assert file_format is not None
-    stats = _stats(path, file_format, config.task, examples, len(records), num_without_labels, config.batch_size)
+    sha256 = reader.sha256
+    stats = _stats(path, file_format, config.task, examples, reader.num_records, num_without_labels, config.batch_size)
     if not examples:
         truncated_note = f"; examples longer than seq_len={config.seq_len} are cut at the end" if config.task == TASK_CAUSAL_LM else ""
         raise DataError(
@@ -698,6 +661,7 @@ class BatchIterator:
             "shuffle": self.shuffle,
             "task": self.config.task,
             **({"batch_tokens": self.config.batch_tokens} if self.config.batch_tokens else {}),
+            **({"max_example_chars": self.config.max_example_chars} if self.config.max_example_chars else {}),
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

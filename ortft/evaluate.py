@@ -17,7 +17,7 @@ DEFAULT_SEQ_LEN = 512
 
 def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq_len: int | None = None,
                   checkpoint: str = "latest", threads: int | None = None, mask_prompt: bool | None = None,
-                  max_batches: int | None = None) -> dict:
+                  max_batches: int | None = None, max_example_chars: int | None = None) -> dict:
     """Evaluate a bundle (its initial adapters) or a run (its `checkpoint`) on `data`.
 
     `seq_len` defaults to the run's own training setting (512 for a bundle).
@@ -47,7 +47,7 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq
     seq_len = min(seq_len, int(manifest["model"]["max_seq_len"]))
     tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
     config = DataConfig(seq_len=seq_len, batch_size=batch_size, seed=0, task=task, mask_prompt=mask_prompt,
-                        label_names=manifest.get("labels"), shuffle=False)
+                        label_names=manifest.get("labels"), shuffle=False, max_example_chars=max_example_chars)
     dataset = load_dataset(data, tokenizer, config)
     session = TrainingSession(bundle, parameters=checkpoint_file, threads=threads or default_threads(), with_optimizer=False,
                               manifest=manifest)

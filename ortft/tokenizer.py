@@ -3,6 +3,8 @@
 `load_tokenizer(folder)` returns a `TextTokenizer` that encodes like `PreTrainedTokenizerFast` (the
 tokenizer.json post-processor adds the special tokens), knows the special token ids and renders the
 chat template through the sandbox in `ortft.chat_template`. Never imports transformers or torch.
+A Rust panic inside `tokenizers` (a PanicException, which is a BaseException: e.g. a tokenizer.json whose
+regex backtracks past onig's limit) becomes a ModelError, not a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,24 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Special-token roles that a chat template may reference as variables (`{{ bos_token }}` ...).
 SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class _RustPanics:
+    """Turns a PanicException of the `tokenizers` library (pyo3's, a BaseException) into a ModelError."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, _traceback) -> bool:
+        if kind is not None and kind.__name__ == "PanicException":
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+            raise ModelError(f"the tokenizer crashed while {self.what} (a panic in the tokenizers library: {first})",
+                             hint="its tokenizer.json is broken or hostile (e.g. a pre-tokenizer regex that backtracks "
+                                  "without end); use the model's original tokenizer") from exc
+        return False
 
 
 @dataclass(frozen=True)
@@ -107,11 +127,13 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens` the tokenizer.json post-processor adds BOS etc."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        with _RustPanics("encoding a text"):
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> EncodedText:
         """Like `encode`, plus each token's (start, end) character span in `text`."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        with _RustPanics("encoding a text"):
+            encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return EncodedText(
             ids=list(encoding.ids),
             offsets=[tuple(span) for span in encoding.offsets],
@@ -119,7 +141,8 @@ class TextTokenizer:
         )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        with _RustPanics("decoding token ids"):
+            return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # ---- chat -----------------------------------------------------------------------------------
 
@@ -194,7 +217,10 @@ def load_tokenizer(folder: Path | str, extra_eos_tokens: Iterable[str | int] = (
             hint="ortft needs a fast (tokenizer.json) tokenizer; prepare the bundle again from a model that has one",
         )
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        with _RustPanics(f"loading {tokenizer_path}"):
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except ModelError:
+        raise
     except Exception as exc:  # the Rust side raises a plain Exception for malformed files
         raise ModelError(f"cannot load {tokenizer_path}: {exc}", hint="prepare the bundle again") from exc
 

@@ -140,3 +140,145 @@ def test_symlinks_and_unlisted_files_are_never_followed_or_copied(bundle, tmp_pa
     refused(["export", make_run(tmp_path / "run3", bundle), "--out", tmp_path / "export2"], capsys, "tokenizer/notes.txt",
             "symbolic link")
     assert not (tmp_path / "export2").exists()
+
+
+# ---- Medium: chat templates ---------------------------------------------------------------------------
+
+
+def test_jinja2_is_at_least_3_1_6_and_the_format_escape_is_closed(monkeypatch):
+    """CVE-2025-27516: in jinja2 3.1.5 `|attr('format')` handed a template the unwrapped str.format, which read
+    an environment variable through a global's __globals__; the pin and the sandbox refuse it."""
+    import importlib.metadata
+
+    from ortft.chat_template import ChatTemplate
+    from ortft.errors import TemplateError
+
+    requirement = next(line for line in (Path(__file__).parents[1] / "pyproject.toml").read_text().splitlines() if '"jinja2' in line)
+    assert "jinja2>=3.1.6" in requirement
+    assert tuple(int(part) for part in importlib.metadata.version("jinja2").split(".")[:3]) >= (3, 1, 6)
+    monkeypatch.setenv("ORTFT_CANARY", "leaked-value")
+    payload = "{{ ('{0.__globals__[os].environ[ORTFT_CANARY]}'|attr('format'))(raise_exception) }}"
+    with pytest.raises(TemplateError, match="sandbox"):
+        ChatTemplate(payload).render([{"role": "user", "content": "hi"}])
+
+
+def _with_template(bundle: Path, source: str) -> Path:
+    (bundle / "tokenizer" / "chat_template.jinja").write_text(source, encoding="utf-8")
+    reseal(bundle)
+    return bundle
+
+
+def _chat_data(path: Path, turns: int = 1) -> Path:
+    messages = []
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(4)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}", "longer than"),
+    ("{{ 'x' * 10**9 }}", "more than"),
+    ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),
+])
+def test_chat_templates_render_with_a_time_limit_and_a_size_cap(bundle, tmp_path, capsys, source, message):
+    """Nested loops that hung train and generate --chat, a 1 GB string, jinja2's lipsum: each stopped, exit 2."""
+    import time
+
+    _with_template(bundle, source)
+    started = time.monotonic()
+    refused(_train_args(bundle, _chat_data(tmp_path / "chat.jsonl"), tmp_path / "run"), capsys, "chat template", message)
+    refused(["generate", bundle, "--chat", "--prompt", "hi", "--max-new-tokens", "2"], capsys, "chat template", message)
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+
+
+# ---- Medium: data ---------------------------------------------------------------------------------------
+
+
+def test_a_huge_line_is_refused_before_it_is_read_whole(bundle, tmp_path, capsys):
+    """A 2 MB line (855 MB and a tokenizer abort before): refused by the line cap derived from --seq-len, naming
+    the line and the flag that raises the cap; a long text within the cap is cut before tokenizing."""
+    import time
+
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "word " * 400_000}) + "\n", encoding="utf-8")
+    started = time.monotonic()
+    refused(_train_args(bundle, path, tmp_path / "run"), capsys, "long.jsonl, line 2", "--max-example-chars")
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+    from ortft.data import DataConfig, load_dataset
+    from ortft.tokenizer import load_tokenizer
+
+    path.write_text(json.dumps({"text": "word " * 2_000}) + "\n", encoding="utf-8")  # 10,000 characters: within the line cap
+    config = DataConfig(seq_len=32, batch_size=2, seed=0)
+    data = load_dataset(path, load_tokenizer(bundle / "tokenizer"), config)
+    assert config.example_chars == 32 * 64 and data.stats.num_truncated == 1 and len(data.examples[0].input_ids) == 32
+
+
+def test_many_chat_turns_find_their_spans_in_linear_time():
+    """4000 turns took 34 s (two renders per reply); one marked render finds them all, the same spans."""
+    import time
+
+    from ortft.chat_template import ChatTemplate
+
+    source = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = []
+    for i in range(2000):
+        messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    started = time.monotonic()
+    rendered = ChatTemplate(source, {"eos_token": "<|im_end|>"}).render_with_assistant_spans(messages)
+    assert time.monotonic() - started < 3
+    assert [rendered.text[a:b] for a, b in rendered.assistant_spans] == [f"a{i}<|im_end|>" for i in range(2000)]
+
+
+def test_chat_examples_keep_at_most_seq_len_turns(bundle, tmp_path, monkeypatch):
+    """A chat is cut to --seq-len messages before it is rendered (each renders at least one token) and counted."""
+    from ortft.chat_template import ChatTemplate
+    from ortft.data import DataConfig, load_dataset
+    from ortft.tokenizer import load_tokenizer
+
+    rendered_turns = []
+    original = ChatTemplate.render_with_assistant_spans
+    monkeypatch.setattr(ChatTemplate, "render_with_assistant_spans",
+                        lambda self, messages, **extra: rendered_turns.append(len(messages)) or original(self, messages, **extra))
+    data = load_dataset(_chat_data(tmp_path / "chat.jsonl", turns=100), load_tokenizer(bundle / "tokenizer"),
+                        DataConfig(seq_len=16, batch_size=2, seed=0, mask_prompt=False))
+    assert rendered_turns == [16] * 4 and data.stats.num_truncated == 4
+
+
+# ---- Medium: generate -------------------------------------------------------------------------------------
+
+
+def test_generate_verifies_hashes_refuses_overlong_prompts_and_stops_at_the_context(bundle, tmp_path, capsys):
+    from ortft.generate import Generator
+    from ortft.trust import context_length, open_bundle
+
+    context = context_length(bundle, open_bundle(bundle))
+    generator = Generator(bundle)
+    prompt = [5] * (context - 3)
+    assert len(generator.generate_ids(prompt, __import__("ortft.config", fromlist=["x"]).SamplingSettings(max_new_tokens=10**9))) <= 3
+    assert generator.stats.stopped_by in ("context", "eos")
+    refused(["generate", bundle, "--prompt", "hello " * (context + 10), "--max-new-tokens", "2"], capsys, "more than the model's context")
+    refused(["generate", bundle, "--prompt", "x" * (context * 64 + 1)], capsys, "characters")
+
+    with open(bundle / "tokenizer" / "tokenizer.json", "ab") as handle:  # tampered after the manifest was written
+        handle.write(b" ")
+    refused(["generate", bundle, "--prompt", "hi", "--max-new-tokens", "2"], capsys, "tokenizer/tokenizer.json")
+
+
+# ---- Low ------------------------------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_regex_panic_is_a_user_error(bundle, tmp_path, capsys):
+    """A pre-tokenizer regex that backtracks past onig's limit makes the tokenizers library panic (PanicException,
+    a BaseException): now an error naming the line, exit 2."""
+    path = bundle / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "((a+)+)+b"}, "behavior": "Isolated", "invert": False}
+    path.write_text(json.dumps(tokenizer), encoding="utf-8")
+    reseal(bundle)
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"text": "a" * 5000 + "c"}) + "\n", encoding="utf-8")
+    refused(_train_args(bundle, data, tmp_path / "run"), capsys, "a.jsonl, line 1", "tokenizer crashed")
+    assert not (tmp_path / "run").exists()

@@ -103,6 +103,9 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--batch-tokens", type=int, default=None,
               help="Batches of examples of similar length, as many as fit in this many tokens (rows x longest row), "
                    "instead of --batch-size examples; at least --seq-len (see docs/data.md).")
+@click.option("--max-example-chars", type=click.IntRange(min=1), default=None,
+              help="Characters of an example read before tokenizing; longer ones are cut and counted as truncated, and a "
+                   "JSONL line may hold 6 bytes per character plus 64 KiB.  [default: 64 x --seq-len]")
 @click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True)
 @click.option("--max-eval-batches", type=int, default=None, help="Evaluate on at most this many batches.")
 @click.option("--save-every", type=int, default=_defaults.save_every, show_default=True)

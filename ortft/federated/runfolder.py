@@ -4,8 +4,7 @@ RUN/run.json            {"format": "ortft-run", "kind": "federated", bundle, bun
 RUN/config.json         the federation's settings (strategy, rounds, local steps, ...)
 RUN/metrics.jsonl       one record per round: validation loss per client and overall, bytes sent
 RUN/checkpoints/step-NNNNNNNN/  one per round (N = round), written by ortft.run.write_checkpoint:
-                        checkpoint (ORT checkpoint of the bundle with the global adapter set),
-                        adapter.safetensors, trainer_state.json (with "round")
+                        adapter.safetensors (the global adapter), trainer_state.json (with "round")
 RUN/adapter.safetensors the newest global adapter
 RUN/best.json           the round with the lowest overall validation loss
 So `ortft export RUN`, `ortft eval RUN` and `ortft generate` take a federated run like any other.

@@ -92,7 +92,7 @@ def test_federated_run_exports_like_a_training_run(federated_run, tmp_path):
     out = federated_run["out"]
     run_info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run_info["kind"] == "federated" and run_info["bundle_manifest_sha256"]
-    assert (out / "checkpoints" / f"step-{ROUNDS:08d}" / "checkpoint").exists()
+    assert (out / "checkpoints" / f"step-{ROUNDS:08d}" / "adapter.safetensors").exists()
     ok(run_ortft("export", out, "--out", tmp_path / "peft", "--format", "peft"))
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     ok(run_ortft("export", out, "--out", tmp_path / "merged", "--format", "merged-onnx"))
