@@ -398,7 +398,7 @@ class _ExampleBuilder:
             ids = self._encode(text, True, where).ids
             return cut, Example(ids, label, line)
         if data_format in data_ner.FORMATS:
-            words = data_ner.read_labelled(record, data_format, self.config.label_names, where)
+            words, cut = data_ner.cut_words(data_ner.read_labelled(record, data_format, self.config.label_names, where), self.chars)
             encoded = self._encode(words.text, True, where)
             return cut, Example(list(encoded.ids), data_ner.token_labels(encoded, words), line)
 

@@ -15,12 +15,22 @@ adds (CLS, SEP, BOS). Tags may be label names or indices. Device side: plain Pyt
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import DataError
-from .iob2 import BEGIN, INSIDE, OUTSIDE, Entity, entity_types, is_iob2_label_set, tags_of_entities
+from .iob2 import (
+    BEGIN,
+    INSIDE,
+    OUTSIDE,
+    Entity,
+    entity_types,
+    is_iob2_label_set,
+    tags_of_entities,
+)
 
 IGNORE_INDEX = -100
 FORMAT_TAGGED_TOKENS = "tokens-tags"
@@ -87,7 +97,7 @@ def words_of(text: str, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
         start, end = match.span()
         inner = cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, end)]
         bounds = [start, *inner, end]
-        words.extend(zip(bounds, bounds[1:]))
+        words.extend(itertools.pairwise(bounds))
     return words
 
 
@@ -121,6 +131,16 @@ def unlabelled_words(record: dict, where: str) -> WordText:
         return WordText(text, words_of(text))
     keys = ", ".join(sorted(record)) or "none"
     raise DataError(f"{where}: no field 'text' or 'tokens' (found: {keys})", hint='give {"text": ...} or {"tokens": [...]} per line')
+
+
+def cut_words(words: WordText, chars: int) -> tuple[WordText, bool]:
+    """The words that end within the first `chars` characters of the text, and whether anything was cut (a
+    text is cut before it is tokenized: ortft/data_limits.py)."""
+    if len(words.text) <= chars:
+        return words, False
+    kept = bisect.bisect_right([end for _start, end in words.words], chars)
+    labels = words.label_ids[:kept] if words.label_ids is not None else None
+    return WordText(words.text[:chars], words.words[:kept], labels), True
 
 
 # ---- labelled lines -------------------------------------------------------------------------------
@@ -179,7 +199,7 @@ def read_entity_spans(record: dict, label_names: Sequence[str], where: str) -> W
         raise DataError(f"{where}: entity spans need a bundle whose labels are IOB2 tags (O, B-TYPE, I-TYPE); this one has "
                         f"{', '.join(label_names)}", hint="prepare the bundle with --labels O,B-PER,I-PER,..., or give tags per token")
     spans = sorted((*_span(entity, index, len(text), where), index) for index, entity in enumerate(entities))
-    for (_s, previous_end, _l, previous), (start, _e, _l2, index) in zip(spans, spans[1:]):
+    for (_s, previous_end, _l, previous), (start, _e, _l2, index) in itertools.pairwise(spans):
         if start < previous_end:
             raise DataError(f"{where}: entities {previous} and {index} overlap", hint="entities must not overlap; keep one of them")
     words = words_of(text, [bound for start, end, _label, _index in spans for bound in (start, end)])

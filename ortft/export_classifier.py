@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError, ConfigError
-from .export_files import copy_tokenizer_to_root, export_model_config, export_tokenizer_section, source_model_config
+from .export_files import (
+    copy_tokenizer_to_root,
+    export_model_config,
+    export_tokenizer_section,
+    source_model_config,
+)
 from .export_manifest import write_export_manifest
 from .fsutil import staged_dir, write_json_atomic
 from .inference_template import InferenceTemplate

@@ -9,7 +9,8 @@ Device side: plain Python.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 OUTSIDE = "O"
 BEGIN = "B-"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ortft.fsutil import write_text_atomic  # noqa: E402
+from ortft.fsutil import write_text_atomic
 
 SEED = 20250325
 TRAIN_SIZE = 400

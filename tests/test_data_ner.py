@@ -3,18 +3,16 @@ truncation, batches, and a DataError with file and line for every malformed line
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-
 from conftest import packaged_model_dir
+from test_data import write_jsonl
+from test_tokenizer import write_tiny_tokenizer
+
 from ortft.data import IGNORE_INDEX, DataConfig, iter_eval_batches, load_dataset
-from ortft.data_ner import first_subtokens, joined_tokens, words_of
+from ortft.data_ner import WordText, cut_words, first_subtokens, joined_tokens, words_of
 from ortft.errors import ConfigError, DataError
 from ortft.tokenizer import load_tokenizer
-from test_tokenizer import write_tiny_tokenizer
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
@@ -28,11 +26,6 @@ def wordpiece():
 @pytest.fixture(scope="module")
 def byte_bpe(tmp_path_factory):
     return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok"))
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return path
 
 
 def config(**overrides) -> DataConfig:
@@ -104,6 +97,15 @@ def test_long_rows_are_truncated_and_counted(tmp_path, wordpiece, caplog):
     assert len(data.examples[0].input_ids) == len(data.examples[0].labels) == 16
     assert sum(label != IGNORE_INDEX for label in data.examples[0].labels) == 15  # [CLS] + 15 words kept
     assert any("truncated" in record.getMessage() for record in caplog.records)
+
+
+def test_text_is_cut_to_the_character_cap_before_tokenizing(tmp_path, wordpiece):
+    row = {"tokens": ["Ada", "met", "Bo", "in", "Oslo"], "tags": ["B-PER", "O", "B-PER", "O", "B-LOC"]}
+    data = load_dataset(write_jsonl(tmp_path / "t.jsonl", [row]), wordpiece, config(max_example_chars=12))
+    example = data.examples[0]  # "Ada met Bo i": the words that end within 12 characters
+    assert example.truncated and data.stats.num_truncated == 1
+    assert labelled(wordpiece, example) == [("ada", "B-PER"), ("met", "O"), ("bo", "B-PER")]
+    assert cut_words(WordText("Ada met", [(0, 3), (4, 7)], [1, 0]), 5) == (WordText("Ada m", [(0, 3)], [1]), True)
 
 
 def test_an_example_without_words_is_skipped_and_counted(tmp_path, wordpiece):

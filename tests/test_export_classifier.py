@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from prepare.helpers import batch_for, randomize_adapters, torch_peft_model
+from tiny_bundle import make_run
+from train_helpers import tiny_bundle
 
 from ortft.errors import ConfigError
 from ortft.export import export_run
 from ortft.manifest import read_manifest
 from ortft.runtime import TrainingSession
-from prepare.helpers import batch_for, randomize_adapters, torch_peft_model
-from tiny_bundle import make_run
-from train_helpers import tiny_bundle
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CASES = {
@@ -79,7 +79,10 @@ def test_merged_export_gives_peft_and_eval_graph_logits(trained, tmp_path):
 
 def test_peft_export_loads_with_auto_model_and_peft(trained, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     export_run(trained.run, tmp_path / "peft", kind="peft")
     auto = AutoModelForTokenClassification if trained.manifest["task"] == "token-cls" else AutoModelForSequenceClassification

@@ -6,18 +6,17 @@ import warnings
 
 import numpy as np
 import pytest
+from seqeval import metrics as seqeval_metrics  # the reference, in the [dev] extra
+from seqeval.scheme import IOB2, Tokens
 
 from ortft.iob2 import Entity, is_iob2_label_set, strict_entities, tags_of_entities
 from ortft.metrics import TokenClassificationScores, entity_scores
-
-from seqeval import metrics as seqeval_metrics  # the reference, in the [dev] extra
-from seqeval.scheme import IOB2, Tokens
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 
 
 def seqeval_scores(true, predicted) -> tuple[float, float, float]:
-    kwargs = dict(mode="strict", scheme=IOB2)
+    kwargs = {"mode": "strict", "scheme": IOB2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "precision is ill-defined": seqeval then reports 0, as ortft does
         return (seqeval_metrics.precision_score(true, predicted, **kwargs), seqeval_metrics.recall_score(true, predicted, **kwargs),

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, packaged_model_dir
+from train_helpers import ok, read_metrics, run_ortft
+
 from ortft.manifest import read_manifest
 from ortft.validate import validate_bundle
-from train_helpers import ok, read_metrics, run_ortft
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,13 @@ def test_bundle_validates(bundle):
 def test_exports_give_pytorch_peft_logits(bundle, minilm_dir, tmp_path):
     import torch
     from peft import PeftModel
+    from prepare.helpers import randomize_adapters
+    from tiny_bundle import make_run
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from ortft.export import export_run
     from ortft.predict import Classifier
-    from prepare.helpers import randomize_adapters
     from ortft.runtime import TrainingSession
-    from tiny_bundle import make_run
 
     session = TrainingSession(bundle, threads=2)
     adapter = randomize_adapters(session, read_manifest(bundle))

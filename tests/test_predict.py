@@ -13,6 +13,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from prepare.helpers import randomize_adapters
+from test_data import write_jsonl
+from tiny_bundle import make_run
+from train_helpers import ok, run_ortft, tiny_bundle, user_error
 
 from ortft.data import IGNORE_INDEX, DataConfig, load_dataset
 from ortft.errors import ConfigError, DataError
@@ -20,9 +24,6 @@ from ortft.export import export_run
 from ortft.manifest import read_manifest
 from ortft.predict import Classifier, open_classifier, predict_records
 from ortft.runtime import TrainingSession
-from prepare.helpers import randomize_adapters
-from tiny_bundle import make_run
-from train_helpers import ok, run_ortft, tiny_bundle, user_error
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
@@ -50,11 +51,6 @@ def ner_export(ner_run, tmp_path_factory) -> Path:
 def cls_run(tiny_model_factory, tmp_path_factory) -> Path:
     return _run(tmp_path_factory, tiny_model_factory("llama", "seq-cls"), "predict-llama-seq-cls", task="seq-cls",
                 labels=["negative", "positive"])
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return path
 
 
 def feed_training_tags(classifier: Classifier, labelled_file: Path) -> None:
@@ -144,7 +140,7 @@ def test_bad_lines_and_models_are_user_errors(ner_export, tmp_path):
         list(predict_records(classifier, bad))
     causal = tmp_path / "causal"
     causal.mkdir()
-    (causal / "manifest.json").write_text(json.dumps({"format": "ortft-export", "kind": "merged-onnx", "task": "causal-lm"}))
+    (causal / "manifest.json").write_text(json.dumps({"format": "ortft-export", "kind": "merged-onnx", "task": "causal-lm", "files": {}}))
     with pytest.raises(ConfigError, match="use `ortft generate`"):
         Classifier(causal)
 

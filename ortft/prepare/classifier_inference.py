@@ -9,21 +9,9 @@ model's configuration, with its label names, is kept beside it as config.json.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from .inference import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    RAW_EXPORT_DIR,
-    _describe_values,
-    _drop_initializer_inputs,
-    _eval_mode,
-    _quiet,
-    _save_external,
-    linear_weight_map,
-    model_config_dict,
-)
+from .inference import _eval_mode, _quiet, export_in_scratch, save_template
 
 WRAPPER_PREFIX = "model."
 
@@ -34,33 +22,14 @@ def export_classifier_template(model, task: str, classifier_modules: tuple[str, 
     Returns the manifest's `inference` section (`model` and `config` relative to the bundle); its
     `weights` map every linear weight and the classifier head's bias to their initializers.
     """
-    import json
-
-    import onnx
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = out_dir / RAW_EXPORT_DIR  # torch writes a model over 2 GB as one file per weight: keep those out
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    try:
-        _torch_export(model, task, scratch / MODEL_FILE, opset)
-        graph_model = onnx.load(str(scratch / MODEL_FILE))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    graph_model = export_in_scratch(out_dir, lambda path: _torch_export(model, task, path, opset))
     _strip_prefix(graph_model, WRAPPER_PREFIX)
-    _drop_initializer_inputs(graph_model)
-    weights = linear_weight_map(model, graph_model)
-    weights.update(_head_biases(model, classifier_modules, graph_model))
-    _save_external(graph_model, out_dir)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model_config_dict(model), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return {
-        "model": f"inference/{MODEL_FILE}",
-        "config": f"inference/{CONFIG_FILE}",
-        "weights": weights,
-        "inputs": _describe_values(graph_model.graph.input),
-        "outputs": _describe_values(graph_model.graph.output),
-    }
+    biases = _head_biases(model, classifier_modules, graph_model)
+    section = save_template(model, graph_model, out_dir)
+    section["weights"].update(biases)
+    return section
 
 
 def _torch_export(model, task: str, path: Path, opset: int) -> None:

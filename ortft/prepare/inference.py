@@ -30,34 +30,49 @@ def export_inference_template(model, out_dir: Path, opset: int = 17) -> dict:
 
     Returns the manifest's `inference` section; `model` paths in it are relative to the bundle.
     """
-    import onnx
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_config = _onnx_config(model)
-    # torch writes a model over 2 GB as one file per weight beside the .onnx; a scratch folder keeps
-    # those out of the bundle (a 1.1B model's template was stored twice, 8.8 GB instead of 4.4).
-    scratch = out_dir / RAW_EXPORT_DIR
+    graph_model = export_in_scratch(out_dir, lambda path: _torch_export(model, onnx_config, path, opset))
+    return {
+        **save_template(model, graph_model, out_dir),
+        "num_layers": int(model.config.num_hidden_layers),
+        "num_key_value_heads": _num_key_value_heads(model.config),
+        "head_dim": _head_dim(model.config),
+    }
+
+
+def export_in_scratch(out_dir: Path, export):
+    """Run `export(path)` into a scratch folder of `out_dir` and load what it wrote (with its weights).
+
+    torch writes a model over 2 GB as one file per weight beside the .onnx; the scratch folder keeps
+    those out of the bundle (a 1.1B model's template was stored twice, 8.8 GB instead of 4.4).
+    """
+    import onnx
+
+    scratch = Path(out_dir) / RAW_EXPORT_DIR
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        _torch_export(model, onnx_config, scratch / MODEL_FILE, opset)
-        graph_model = onnx.load(str(scratch / MODEL_FILE))
+        export(scratch / MODEL_FILE)
+        return onnx.load(str(scratch / MODEL_FILE))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_template(model, graph_model, out_dir: Path) -> dict:
+    """Save an exported template into `out_dir` (model.onnx, one external data file, config.json); returns the
+    `inference` section's model, config, weights (every nn.Linear weight's initializer), inputs and outputs."""
     _drop_initializer_inputs(graph_model)
     weights = linear_weight_map(model, graph_model)
     _save_external(graph_model, out_dir)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(model_config_dict(model), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(model_config_dict(model), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {
         "model": f"inference/{MODEL_FILE}",
         "config": f"inference/{CONFIG_FILE}",
         "weights": weights,
         "inputs": _describe_values(graph_model.graph.input),
         "outputs": _describe_values(graph_model.graph.output),
-        "num_layers": int(model.config.num_hidden_layers),
-        "num_key_value_heads": _num_key_value_heads(model.config),
-        "head_dim": _head_dim(model.config),
     }
 
 

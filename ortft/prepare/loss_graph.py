@@ -53,22 +53,21 @@ class SequenceClassificationLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         output = self.peft_model(input_ids=input_ids, attention_mask=attention_mask)
         logits = output["logits"] if isinstance(output, dict) else output.logits
-        return torch.nn.functional.cross_entropy(logits.float(), labels), logits
+        return self.loss(logits, labels), logits
+
+    @staticmethod
+    def loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
-class TokenClassificationLoss(torch.nn.Module):
+class TokenClassificationLoss(SequenceClassificationLoss):
     """loss = mean cross-entropy of the per-token class logits over positions whose label is not -100
     (transformers' `*ForTokenClassification` loss); logits [batch, sequence, labels] are returned too."""
 
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(self, input_ids, attention_mask, labels):
-        output = self.peft_model(input_ids=input_ids, attention_mask=attention_mask)
-        logits = output["logits"] if isinstance(output, dict) else output.logits
+    @staticmethod
+    def loss(logits, labels):
         flat = logits.reshape(-1, logits.shape[-1]).float()
-        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX), logits
+        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def wrapper_for(task: str, peft_model) -> torch.nn.Module:
