@@ -31,6 +31,7 @@ from .iob2 import (
     is_iob2_label_set,
     tags_of_entities,
 )
+from .jsonl import json_type as _json_type
 
 IGNORE_INDEX = -100
 FORMAT_TAGGED_TOKENS = "tokens-tags"
@@ -46,16 +47,6 @@ class WordText:
     text: str
     words: list[tuple[int, int]]
     label_ids: list[int] | None = None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _string(value: Any, what: str, where: str) -> str:
