@@ -51,6 +51,8 @@ class RunSummary:
     eval_records: int
     mean_tokens_per_s: float | None
     run_totals: dict
+    best_eval_f1: float | None = None  # token-cls: entity F1 (ortft/metrics.py)
+    best_eval_f1_step: int | None = None
 
 
 def _is_number(value: object) -> bool:
@@ -139,6 +141,7 @@ def summarize(log: MetricsLog) -> RunSummary:
     min_loss, min_loss_step = _best(train, "loss", lowest=True)
     best_eval_loss, best_eval_loss_step = _best(log.eval_records, "eval_loss", lowest=True)
     best_eval_accuracy, best_eval_accuracy_step = _best(log.eval_records, "eval_accuracy", lowest=False)
+    best_eval_f1, best_eval_f1_step = _best(log.eval_records, "eval_f1", lowest=False)
 
     eval_perplexity, perplexity_derived = None, False
     if best_eval_loss_step is not None:
@@ -169,6 +172,8 @@ def summarize(log: MetricsLog) -> RunSummary:
         eval_records=len(log.eval_records),
         mean_tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
         run_totals={k: v for k, v in (log.summary_record or {}).items() if k != "event"},
+        best_eval_f1=best_eval_f1,
+        best_eval_f1_step=best_eval_f1_step,
     )
 
 
@@ -195,6 +200,8 @@ def format_summary(summary: RunSummary, metrics_path: Path | None = None) -> str
         lines.append(f"eval perplexity  {_number(summary.eval_perplexity, 3)}{note}")
     if summary.best_eval_accuracy is not None:
         lines.append(f"best eval acc.   {_number(summary.best_eval_accuracy)} (step {summary.best_eval_accuracy_step})")
+    if summary.best_eval_f1 is not None:
+        lines.append(f"best entity F1   {_number(summary.best_eval_f1)} (step {summary.best_eval_f1_step})")
     lines.append(f"mean tokens/s    {_number(summary.mean_tokens_per_s, 1)}")
     for key, value in summary.run_totals.items():
         lines.append(f"run {key:<12s} {value}")

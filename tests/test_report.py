@@ -97,6 +97,19 @@ def test_perplexity_is_derived_when_not_logged_and_accuracy_is_reported(tmp_path
     assert "(exp of best eval loss)" in report.format_summary(summary)
 
 
+def test_token_cls_best_entity_f1_is_reported(tmp_path):
+    metrics_path = tmp_path / "metrics.jsonl"
+    records = [
+        {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 50},
+        {"step": 1, "eval_loss": 1.0, "eval_accuracy": 0.8, "eval_precision": 0.5, "eval_recall": 0.6, "eval_f1": 0.55},
+        {"step": 2, "eval_loss": 1.2, "eval_accuracy": 0.85, "eval_precision": 0.7, "eval_recall": 0.7, "eval_f1": 0.7},
+    ]
+    metrics_path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    summary = report.summarize(report.read_metrics(metrics_path))
+    assert (summary.best_eval_f1, summary.best_eval_f1_step) == (pytest.approx(0.7), 2)
+    assert "best entity F1   0.7000 (step 2)" in report.format_summary(summary)
+
+
 def test_cli_writes_png_and_prints_summary(tmp_path, capsys):
     run_dir = tmp_path / "run"
     write_synthetic_metrics(run_dir)
