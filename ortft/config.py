@@ -53,6 +53,7 @@ class PrepareConfig:
     seed: int = 0
     external_data: bool | None = None  # None: only when the graph would pass ONNX's 2 GB limit
     inference_template: bool = True
+    record_source_path: bool = False  # the manifest keeps the source model's and adapter's paths as given (else their names)
     force: bool = False
     verbose: bool = False
 

@@ -121,6 +121,9 @@ def describe_model_folder(folder: Path | str, adapter: str | None = None) -> Mod
 
     folder = Path(folder)
     manifest = open_model_folder(folder)  # the loader gate: hashes, links, the graphs' external data
+    if manifest.get("task") in ("seq-cls", "token-cls"):
+        raise ConfigError(f"{folder} holds a {manifest['task']} classifier, which labels text rather than writing it",
+                          hint="label text with `ortft predict RUN_OR_EXPORT --data FILE.jsonl` (a run folder or its merged-onnx export)")
     eos_ids = list((manifest.get("model") or {}).get("eos_token_ids") or [])
     described = _describe(folder, manifest, eos_ids, adapter)
     described.context_length = context_length(folder, manifest)

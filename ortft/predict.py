@@ -8,7 +8,8 @@ input line, in order: the input's own fields (a gold `label`, `tags` or `entitie
   the words' tags strictly (ortft/iob2.py; `score`: the mean probability of its words' tags); with
   `tokens` input also `tags`, one IOB2 tag per token.
 A word is tagged by its first sub-token, as in training (ortft/data_ner.py). Text beyond `seq_len`
-tokens is cut (`"truncated": true`; its words are tagged O). The model is a merged-onnx export of a
+tokens (or, before tokenizing, beyond 64 characters per token: ortft.config.InputLimits) is cut
+(`"truncated": true`; its words are tagged O). The model is a merged-onnx export of a
 classification run, or a run folder (merged into a temporary folder first). Device side: onnxruntime,
 numpy, tokenizers.
 """
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from .config import InputLimits
 from .data import read_jsonl
-from .data_ner import WordText, first_subtokens, unlabelled_words
+from .data_ner import WordText, cut_words, first_subtokens, unlabelled_words
 from .errors import BundleError, ConfigError, DataError
 from .export_manifest import read_export_manifest
 from .iob2 import OUTSIDE, strict_entities
@@ -58,6 +60,9 @@ class Classifier:
         if manifest is None:
             raise BundleError(f"{self.folder} is neither an ortft export nor a run folder",
                               hint="pass the --out folder of `ortft train` or of `ortft export --format merged-onnx`")
+        from .trust import open_export
+
+        manifest = open_export(self.folder)  # the loader gate: hashes, links, the graph's external data (ortft/trust.py)
         self.task = manifest.get("task")
         if self.task not in CLASSIFICATION_TASKS:
             raise ConfigError(f"{self.folder} holds a {self.task} model; `ortft predict` labels with seq-cls and token-cls models",
@@ -110,19 +115,21 @@ class _Line:
     truncated: bool
 
 
-def _prepare(classifier: Classifier, record: dict, where: str, seq_len: int) -> _Line:
+def _prepare(classifier: Classifier, record: dict, where: str, seq_len: int, chars: int) -> _Line:
+    """Tokenize a line: its text cut to `chars` characters before tokenizing, its tokens to `seq_len` after."""
     words = unlabelled_words(record, where)
+    kept, cut = cut_words(words, chars)
     try:
-        encoded = classifier.tokenizer.encode_with_offsets(words.text, add_special_tokens=True)
+        encoded = classifier.tokenizer.encode_with_offsets(kept.text, add_special_tokens=True)
     except Exception as exc:  # the Rust tokenizer's errors are plain Exceptions
         raise DataError(f"{where}: the tokenizer could not encode this text ({exc})", hint="check the text of that line") from exc
     ids = list(encoded.ids)
-    truncated = len(ids) > seq_len
     firsts = []
     if classifier.task == "token-cls":
-        firsts = first_subtokens(words.text, encoded.offsets, encoded.added_by_post_processor, words.words)
+        firsts = first_subtokens(kept.text, encoded.offsets, encoded.added_by_post_processor, kept.words)
         firsts = [index if index is not None and index < seq_len else None for index in firsts]
-    return _Line(record, words, ids[:seq_len], firsts, truncated)
+        firsts += [None] * (len(words.words) - len(kept.words))  # words past the cut
+    return _Line(record, words, ids[:seq_len], firsts, cut or len(ids) > seq_len)
 
 
 def _output(classifier: Classifier, line: _Line, logits: np.ndarray) -> dict:
@@ -160,8 +167,10 @@ def predict_records(classifier: Classifier, path: Path | str, batch_size: int = 
     if seq_len < 2:
         raise ConfigError(f"--seq-len {seq_len} must be at least 2")
     stats = stats if stats is not None else PredictionStats()
-    _sha256, records = read_jsonl(Path(path))
-    lines = [_prepare(classifier, record, f"{path}, line {number}", seq_len) for number, record in records]
+    limits = InputLimits()
+    chars = limits.example_chars(seq_len)
+    _sha256, records = read_jsonl(Path(path), limits.line_bytes(chars))  # no line past the cap
+    lines = [_prepare(classifier, record, f"{path}, line {number}", seq_len, chars) for number, record in records]
     for start in range(0, len(lines), batch_size):
         chunk = lines[start:start + batch_size]
         logits = classifier.logits([line.ids for line in chunk])

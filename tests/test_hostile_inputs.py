@@ -282,3 +282,163 @@ def test_a_tokenizer_regex_panic_is_a_user_error(bundle, tmp_path, capsys):
     data.write_text(json.dumps({"text": "a" * 5000 + "c"}) + "\n", encoding="utf-8")
     refused(_train_args(bundle, data, tmp_path / "run"), capsys, "a.jsonl, line 1", "tokenizer crashed")
     assert not (tmp_path / "run").exists()
+
+
+def test_pruning_never_follows_a_symlinked_checkpoints_folder(bundle, data, tmp_path, capsys):
+    """A run whose checkpoints/ links elsewhere: resume, eval and export refuse it, and nothing outside is deleted."""
+    from ortft import run as runs
+
+    run = make_run(tmp_path / "run", bundle, steps=(1, 2, 3, 4))
+    elsewhere = tmp_path / "precious"
+    shutil.move(str(run / "checkpoints"), str(elsewhere))
+    os.symlink(elsewhere, run / "checkpoints")
+    before = files_under(elsewhere)
+    refused(_train_args(bundle, data, run, "--resume", "--keep", "1"), capsys, "checkpoints is a symbolic link")
+    refused(["eval", run, "--data", data, "--seq-len", "32"], capsys, "symbolic link")
+    refused(["export", run, "--out", tmp_path / "export"], capsys, "symbolic link")
+    with pytest.raises(Exception, match="symbolic link"):
+        runs.prune_checkpoints(run, keep=1)
+    assert files_under(elsewhere) == before and not (tmp_path / "export").exists()
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple, bytes]], header_bytes: int | None = None) -> Path:
+    """A safetensors file written by hand: {name: (dtype, shape, raw bytes)}; `header_bytes` lies about the header."""
+    import struct
+
+    table, offset, blobs = {}, 0, []
+    for name, (dtype, shape, raw) in tensors.items():
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    header = json.dumps(table).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", header_bytes or len(header)) + header + b"".join(blobs))
+    return path
+
+
+def _as_stored(adapter: dict, dtype: str = "F32", change=None) -> dict:
+    stored = {}
+    for name, value in adapter.items():
+        value = np.asarray(value, np.float32)
+        if change is not None:
+            value = change(name, value)
+        if dtype == "BF16":
+            stored[name] = ("BF16", value.shape, (value.view(np.uint32) >> 16).astype("<u2").tobytes())
+        elif dtype == "I64":
+            stored[name] = ("I64", value.shape, value.astype("<i8").tobytes())
+        elif dtype == "BOOL":
+            stored[name] = ("BOOL", value.shape, (value != 0).tobytes())
+        else:
+            stored[name] = ("F32", value.shape, value.astype("<f4").tobytes())
+    return stored
+
+
+def test_adapter_tensors_must_be_float_finite_and_exactly_the_bundles(bundle, data, tmp_path, capsys, caplog):
+    """--init-adapter: bfloat16 is converted (with a note); int64, bool, NaN, an extra tensor and a huge header are
+    refused naming the file, before the run folder exists, so the same command works again with a good file;
+    export refuses a checkpoint holding NaN rather than writing a NaN model."""
+    from ortft import run as runs
+    from ortft.runtime import INITIAL_ADAPTER
+
+    adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    first = sorted(adapter)[0]
+    out = tmp_path / "run"
+    nan = lambda name, value: np.full_like(value, np.nan) if name == first else value  # noqa: E731
+    for label, stored, message in (
+        ("int64", _as_stored(adapter, "I64"), "is I64"),
+        ("bool", _as_stored(adapter, "BOOL"), "is BOOL"),
+        ("nan", _as_stored(adapter, change=nan), "holds NaN"),
+        ("extra", {**_as_stored(adapter), "evil": ("F32", (2,), b"\0" * 8)}, "evil is not one of the bundle's"),
+    ):
+        path = _write_safetensors(tmp_path / f"{label}.safetensors", stored)
+        refused(_train_args(bundle, data, out, "--init-adapter", path), capsys, f"{label}.safetensors", message)
+        assert not out.exists(), label
+    huge = _write_safetensors(tmp_path / "huge.safetensors", _as_stored(adapter), header_bytes=1 << 40)
+    refused(_train_args(bundle, data, out, "--init-adapter", huge), capsys, "huge.safetensors", "header claims")
+    assert not out.exists()
+    succeeds(_train_args(bundle, data, out, "--init-adapter", _write_safetensors(tmp_path / "bf16.safetensors",
+                                                                                   _as_stored(adapter, "BF16"))), capsys)
+    assert "bfloat16 tensors; converted to float32" in caplog.text
+    assert (out / "run.json").is_file()
+
+    poisoned = make_run(tmp_path / "nan-run", bundle, adapter={k: nan(k, v) for k, v in adapter.items()})
+    refused(["export", poisoned, "--out", tmp_path / "export"], capsys, "holds NaN")
+    assert not (tmp_path / "export").exists()
+
+
+def test_prepare_refuses_pickle_and_oversized_adapter_files(tiny_llama, tmp_path, capsys):
+    """`prepare --adapter` with a pickle .bin, or a safetensors header claiming a terabyte: a clean error, no bundle."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj"]}), encoding="utf-8")
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    refused(["prepare", tiny_llama, "--out", tmp_path / "bundle", "--adapter", folder], capsys, "pickle")
+    _write_safetensors(folder / "adapter_model.safetensors", {"w": ("F32", (2,), b"\0" * 8)}, header_bytes=1 << 40)
+    refused(["prepare", tiny_llama, "--out", tmp_path / "bundle", "--adapter", folder], capsys, "adapter_model.safetensors",
+            "header claims")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_run_and_manifest_json_are_type_checked(bundle, data, tmp_path, capsys):
+    """Wrong types are exit 2 naming the file and field, not tracebacks; best.json may only name a checkpoint of
+    its own run (an absolute path to another run's checkpoint was exported)."""
+    from ortft import run as runs
+
+    run = make_run(tmp_path / "run", bundle, steps=(1, 2))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "bundle": 7}))
+    refused(["export", run, "--out", tmp_path / "e1"], capsys, "run.json", "field bundle")
+    (run / "run.json").write_text(json.dumps(info))
+
+    other = make_run(tmp_path / "other", bundle, steps=(5,))
+    (run / runs.BEST_FILE).write_text(json.dumps({"checkpoint": str(other / "checkpoints" / "step-00000005"), "step": 5, "eval_loss": 0.1}))
+    refused(["export", run, "--out", tmp_path / "e2", "--checkpoint", "best"], capsys, "best.json", "field checkpoint")
+    state_path = run / "checkpoints" / "step-00000002" / runs.STATE_FILE
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "step": "two"}))
+    assert "field step" in runs.checkpoint_problem(state_path.parent)
+    assert runs.resolve_checkpoint(run).name == "step-00000001"  # the damaged newest one is skipped
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+    edit_manifest(bundle, lambda manifest: manifest["files"]["eval_model.onnx"].update(bytes="many"))
+    refused(["validate", bundle], capsys, "manifest.json", "files['eval_model.onnx'].bytes")
+
+
+def test_gguf_declared_sizes_are_checked_before_loading(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A 0.5 MB-style tiny GGUF declaring embedding_length 65536 (transformers tried to allocate 17 GB): refused
+    from its metadata before anything is loaded; a model too large for the memory there is is refused too."""
+    import gguf
+
+    from prepare.tiny_gguf import write_tiny_gguf
+    from ortft.errors import ModelError
+    from ortft.prepare.gguf_checks import check_gguf
+
+    honest = write_tiny_gguf(tmp_path / "honest.gguf", tiny_llama)
+    check_gguf(honest)
+    with pytest.raises(ModelError, match="GiB available"):
+        check_gguf(honest, available=1000)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_embedding_length", lambda self, value: self.add_uint32("llama.embedding_length", 65536))
+    lying = write_tiny_gguf(tmp_path / "lying.gguf", tiny_llama)
+    refused(["prepare", lying, "--out", tmp_path / "bundle"], capsys, "lying.gguf", "embedding_length is 65536")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_manifests_runs_and_exports_record_no_host_paths(pristine, data, tmp_path, capsys):
+    """Only names (and paths inside the folders) unless `prepare --record-source-path` asks for the source's."""
+    from ortft.config import PrepareConfig
+    from ortft.prepare.source_record import recorded_prepare
+
+    manifest = json.loads((pristine / "manifest.json").read_text())
+    assert not Path(manifest["source"]["path"]).is_absolute() and "/" not in manifest["source"]["path"]
+    assert not any(str(value).startswith("/") for value in manifest["prepare"]["config"].values() if isinstance(value, str))
+    assert not manifest["prepare"]["command"].startswith("/")
+    config = PrepareConfig(model="/home/me/models/x", out="/home/me/b", record_source_path=True)
+    assert recorded_prepare(config, ["/usr/bin/ortft", "prepare", "/home/me/models/x"])["config"]["model"] == "/home/me/models/x"
+
+    succeeds(_train_args(pristine, data, tmp_path / "run"), capsys)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert not Path(info["bundle"]).is_absolute() and info["data"]["train"] == data.name
+    succeeds(["export", tmp_path / "run", "--out", tmp_path / "export", "--format", "adapter"], capsys)
+    source = json.loads((tmp_path / "export" / "manifest.json").read_text())["source"]
+    assert source["run"] == "run" and source["checkpoint"].startswith("checkpoints/step-") and "/" not in source["bundle"]

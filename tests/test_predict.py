@@ -145,6 +145,14 @@ def test_bad_lines_and_models_are_user_errors(ner_export, tmp_path):
         Classifier(causal)
 
 
+def test_generate_points_a_classifier_to_predict(ner_export):
+    from ortft.generate import describe_model_folder
+
+    with pytest.raises(ConfigError, match="holds a token-cls classifier") as caught:
+        describe_model_folder(ner_export)
+    assert "ortft predict" in caught.value.hint
+
+
 def test_command_line(ner_run, tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "Ada met Bo."}, {"text": "Oslo"}])
     out = tmp_path / "predictions.jsonl"

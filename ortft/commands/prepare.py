@@ -53,13 +53,21 @@ _defaults = PrepareConfig()
               help="The fewest labelled rows per loss slice: batches with few labelled positions use fewer, larger "
                    "slices (larger LM-head products run faster); more rows per slice cost memory. "
                    f"[default: {FLOAT_LOSS_CHUNK_ROWS}; 1, even slices, with --quantize]")
+@click.option("--attention-chunk-rows", type=click.IntRange(min=0), default=_defaults.attention_chunk_rows,
+              show_default=True,
+              help="Causal attention in chunks of about this many query rows whose scores the backward pass "
+                   "computes again, so memory grows linearly with the row length; 0 keeps the full "
+                   "[seq, seq] scores and probabilities (kept from the forward to the backward pass).")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed for new weights (classifier head).")
+@click.option("--record-source-path", is_flag=True,
+              help="Record the model's and --adapter's paths in the manifest as given (default: their names only; "
+                   "the bundle travels, host paths stay here).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporters' and ONNX Runtime's logs.")
 @click.pass_context
 def command(ctx, model, out, gguf_file, task, num_labels, label_names, rank, alpha, dropout, targets, layers, dora,
             rslora, adapter, max_seq_len, weight_decay, max_grad_norm, external_data, quantize, block_size, asymmetric, quantize_all_linear, quantize_embeddings, no_recompute,
-            no_recompute_activations, loss_chunks, loss_chunk_rows, seed, force, verbose):
+            no_recompute_activations, loss_chunks, loss_chunk_rows, attention_chunk_rows, seed, record_source_path, force, verbose):
     """Turn MODEL (a Hugging Face folder or a .gguf file) into a LoRA training bundle.
 
     Only the adapter weights (LoRA A/B, DoRA magnitudes, a classifier head) are trainable; every base
@@ -80,7 +88,8 @@ def command(ctx, model, out, gguf_file, task, num_labels, label_names, rank, alp
         external_data=external_data, quantize=quantize, block_size=block_size, quantize_symmetric=not asymmetric,
         quantize_all_linear=quantize_all_linear, quantize_embeddings=quantize_embeddings,
         quantize_recompute=not no_recompute, recompute_activations=not no_recompute_activations,
-        loss_chunks=loss_chunks, loss_chunk_rows=loss_chunk_rows, seed=seed, force=force, verbose=verbose,
+        loss_chunks=loss_chunks, loss_chunk_rows=loss_chunk_rows, attention_chunk_rows=attention_chunk_rows, seed=seed, record_source_path=record_source_path,
+        force=force, verbose=verbose,
     )
     if adapter:
         explicit = {name: value for name, value in (("rank", rank), ("alpha", alpha), ("dora", dora), ("targets", targets))

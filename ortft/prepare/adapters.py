@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import PrepareConfig
 from ..errors import AdapterError, InputNotFoundError
 from .architectures import Architecture
+from .source_record import recorded_path
 
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 # ortft's classification tasks -> PEFT's task type; their classifier head is trained in full (modules_to_save).
@@ -142,8 +143,10 @@ def _load_existing(model, adapter_dir: Path, peft_model_class):
         settings = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{config_path} is not valid JSON: {exc}") from exc
-    if settings.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type {settings.get('peft_type')} is not LoRA", hint="ortft trains LoRA and DoRA adapters")
+    if not isinstance(settings, dict) or settings.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {settings.get('peft_type') if isinstance(settings, dict) else None} is not LoRA",
+                           hint="ortft trains LoRA and DoRA adapters")
+    check_adapter_weights(adapter_dir)
     try:
         peft_model = peft_model_class.from_pretrained(model, str(adapter_dir), is_trainable=True)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
@@ -152,6 +155,20 @@ def _load_existing(model, adapter_dir: Path, peft_model_class):
             hint="use an adapter trained on this same base model (same architecture, sizes and rank)",
         ) from exc
     return peft_model
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """The adapter's weights must be adapter_model.safetensors, readable by ortft's own parser (header size capped,
+    offsets checked, float32/float16/bfloat16, finite) before PEFT loads them; pickle (.bin) weights are refused."""
+    from ..adapter_tensors import read_safetensors, float32_tensors
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        pickles = sorted(p.name for p in adapter_dir.glob("adapter_model*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        raise AdapterError(f"{adapter_dir} has no adapter_model.safetensors" + (f" (only pickle weights: {', '.join(pickles)})" if pickles else ""),
+                           hint="pickle files can run code when loaded; convert the adapter to safetensors on a trusted machine")
+    tensors, _metadata = read_safetensors(path, AdapterError)
+    float32_tensors(tensors, str(path), AdapterError)
 
 
 def adapter_settings(peft_model, config: PrepareConfig) -> dict:
@@ -173,7 +190,7 @@ def adapter_settings(peft_model, config: PrepareConfig) -> dict:
         "layers": list(layers) if layers is not None else list(range(count_layers(peft_model.get_base_model()))),
         "layers_to_transform": list(layers) if layers is not None else None,
         "modules_to_save": sorted(lora.modules_to_save or []),
-        "init_from": str(Path(config.adapter).resolve()) if config.adapter else None,
+        "init_from": recorded_path(config.adapter, config.record_source_path),  # a name unless --record-source-path
         "task_type": str(lora.task_type.value if hasattr(lora.task_type, "value") else lora.task_type),
     }
 

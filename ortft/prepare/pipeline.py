@@ -26,6 +26,7 @@ from ..memory import release_freed_memory
 from ..optimizer import ADAMW_UPDATE
 from . import adapters, artifacts, gradient_env, source as sources
 from .architectures import architecture_for
+from .source_record import recorded_path, recorded_prepare
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(),
                 "source": {
-                    "path": str(Path(source.folder).resolve()),
+                    "path": recorded_path(source.folder, config.record_source_path),  # a name unless --record-source-path
                     "gguf_file": source.gguf_file,
                     "architecture": facts["architecture"],
                     "model_type": facts["model_type"],
@@ -308,7 +309,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "quantization": quantization_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
-                "prepare": {"command": " ".join(sys.argv), "config": config.to_dict(), "timings_s": reporter.timings},
+                "prepare": {**recorded_prepare(config, sys.argv), "timings_s": reporter.timings},
             }
             manifest = write_manifest(stage_dir, manifest)
     if not quiet:

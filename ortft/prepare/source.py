@@ -71,6 +71,9 @@ def resolve_source(model: str, gguf_file: str | None) -> ModelSource:
 
 
 def _gguf_source(folder: Path, name: str) -> ModelSource:
+    from .gguf_checks import check_gguf
+
+    check_gguf(folder / name)  # declared sizes against the tensors, and memory, before transformers allocates anything
     return ModelSource(folder=folder, gguf_file=name, weight_files=[folder / name])
 
 
