@@ -23,7 +23,9 @@ from ..export_gguf import GGUF_TYPES
                    "genai_config.json (Optimum, onnxruntime-genai, lm-eval load it); onnx-adapter: the base model with "
                    "the adapter as inputs plus adapters/NAME.onnx_adapter (export more runs into the same folder); "
                    "gguf: a merged llama.cpp model; gguf-lora: a llama.cpp LoRA adapter (llama-cli --lora); "
-                   "peft: a folder PeftModel.from_pretrained loads; adapter: the adapter weights under their graph names.")
+                   "peft: a folder PeftModel.from_pretrained loads; adapter: the adapter weights under their graph names. "
+                   "A seq-cls or token-cls run exports as merged-onnx (the classifier, head included: ortft predict), "
+                   "peft or adapter.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="merged-onnx only: store the merged linear weights quantized: int8 (per output channel, "
                    "DequantizeLinear) or int4 (blocked, com.microsoft MatMulNBits). Embeddings stay float32.")
