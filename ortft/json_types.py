@@ -16,8 +16,9 @@ letting a wrong type surface later as a traceback. Specs:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any as AnyType, Callable
+from typing import Any as AnyType
 
 
 def json_type(value: AnyType) -> str:
@@ -133,6 +134,15 @@ class OneOf(Spec):
         return path, self.description
 
 
+def _first_problem(spec: Spec, items) -> tuple[str, str] | None:
+    """The first (path, expected) among `items` ((path, value) pairs) that does not fit `spec`."""
+    for path, item in items:
+        found = spec.problem(item, path)
+        if found:
+            return found
+    return None
+
+
 @dataclass
 class ListOf(Spec):
     item: Spec
@@ -145,11 +155,7 @@ class ListOf(Spec):
     def problem(self, value, path):
         if not isinstance(value, list) or len(value) > self.max_items:
             return path, self.description
-        for index, item in enumerate(value):
-            found = self.item.problem(item, f"{path}[{index}]")
-            if found:
-                return found
-        return None
+        return _first_problem(self.item, ((f"{path}[{index}]", item) for index, item in enumerate(value)))
 
 
 @dataclass
@@ -163,11 +169,7 @@ class MapOf(Spec):
     def problem(self, value, path):
         if not isinstance(value, dict):
             return path, self.description
-        for key, item in value.items():
-            found = self.item.problem(item, f"{path}[{key!r}]")
-            if found:
-                return found
-        return None
+        return _first_problem(self.item, ((f"{path}[{key!r}]", item) for key, item in value.items()))
 
 
 @dataclass

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import DataError
 
@@ -65,11 +66,7 @@ class JsonlReader:
         """(line number, bytes without the line end, whether a line end followed) per line; hashes as it reads."""
         digest = hashlib.sha256()
         limit = self.max_line_bytes
-        try:
-            handle = open(self.path, "rb")
-        except OSError as exc:
-            raise DataError(f"cannot read data file {self.path}: {exc.strerror or exc}", hint="check the path given to --data") from exc
-        with handle:
+        with self._open() as handle:
             number = 0
             while True:
                 try:
@@ -90,6 +87,12 @@ class JsonlReader:
                                     hint=f"shorten or split that example, or {self.cap_hint}")
                 yield number, body, ended
         self.sha256 = digest.hexdigest()
+
+    def _open(self):
+        try:
+            return open(self.path, "rb")  # closed by the caller's `with`
+        except OSError as exc:
+            raise DataError(f"cannot read data file {self.path}: {exc.strerror or exc}", hint="check the path given to --data") from exc
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         for number, line_bytes, ended in self._lines():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from .json_types import Any, Bool, Custom, Int, ListOf, MapOf, Null, Number, Obj, OneOf, Str
+from .json_types import Any, Custom, Int, ListOf, MapOf, Null, Number, Obj, OneOf, Str
+
 
 def _tasks() -> tuple[str, ...]:
     from .config import TASKS
@@ -137,15 +138,4 @@ BEST = Obj({
                          and re.fullmatch(r"checkpoints/step-\d{8}", value) is not None),
     "step": Int(min=0),
     "eval_loss": Number(),
-})
-
-# Keys a run folder's config.json (`ortft train --resume`) may give, with their types.
-RUN_CONFIG = Obj({
-    "seq_len?": Int(min=1),
-    "batch_size?": Int(min=1),
-    "steps?": OneOf(Int(min=1), Null()),
-    "epochs?": OneOf(Number(min=0.0), Null()),
-    "lr?": Number(min=0.0),
-    "seed?": Int(),
-    "pack?": Bool(),
 })

@@ -15,7 +15,7 @@ import contextlib
 import ctypes
 import re
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator
@@ -55,7 +55,7 @@ class _Deadline:
                 self.fired = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(RenderTimeout))
 
-    def __enter__(self) -> "_Deadline":
+    def __enter__(self) -> _Deadline:
         self.timer.start()
         return self
 
@@ -141,7 +141,7 @@ class LimitedSandbox:
 
         return checked
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+    def call(__self, __context, __obj, *args, **kwargs):
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str) and getattr(__obj, "__name__", "") in GROWING_METHODS:
             __self.check_growth(owner, __obj.__name__, args)

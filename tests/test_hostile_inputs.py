@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hostile import (
     copy_bundle,
     edit_manifest,
-    inference_graph,
-    location_of,
     files_under,
     holds_secret,
+    inference_graph,
+    location_of,
     make_run,
     point_external_data,
     refused,
@@ -98,7 +97,7 @@ def test_external_data_beyond_its_file_or_unlisted_is_refused(bundle, tmp_path, 
     refused(["validate", bundle, "--no-train-step"], capsys, "extra.data", "does not list")
     model = onnx.load(str(graph), load_external_data=False)
     tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                  and dict((e.key, e.value) for e in t.external_data)["location"] != "extra.data")
+                  and {e.key: e.value for e in t.external_data}["location"] != "extra.data")
     for entry in tensor.external_data:
         if entry.key == "offset":
             entry.value = str(10**9)
@@ -341,9 +340,9 @@ def test_adapter_tensors_must_be_float_finite_and_exactly_the_bundles(bundle, da
     from ortft.runtime import INITIAL_ADAPTER
 
     adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
-    first = sorted(adapter)[0]
+    first = min(adapter)
     out = tmp_path / "run"
-    nan = lambda name, value: np.full_like(value, np.nan) if name == first else value  # noqa: E731
+    nan = lambda name, value: np.full_like(value, np.nan) if name == first else value
     for label, stored, message in (
         ("int64", _as_stored(adapter, "I64"), "is I64"),
         ("bool", _as_stored(adapter, "BOOL"), "is BOOL"),
@@ -409,8 +408,8 @@ def test_gguf_declared_sizes_are_checked_before_loading(tiny_llama, tmp_path, ca
     """A 0.5 MB-style tiny GGUF declaring embedding_length 65536 (transformers tried to allocate 17 GB): refused
     from its metadata before anything is loaded; a model too large for the memory there is is refused too."""
     import gguf
-
     from prepare.tiny_gguf import write_tiny_gguf
+
     from ortft.errors import ModelError
     from ortft.prepare.gguf_checks import check_gguf
 

@@ -35,7 +35,7 @@ class ReplyLimits:
     max_examples: int
 
     @classmethod
-    def for_run(cls, max_update_norm: float, max_examples: int, local_steps: int, lr: float, parameters: int) -> "ReplyLimits":
+    def for_run(cls, max_update_norm: float, max_examples: int, local_steps: int, lr: float, parameters: int) -> ReplyLimits:
         """`max_update_norm` <= 0 means automatic: UPDATE_NORM_SLACK * local_steps * lr * sqrt(parameters)."""
         if max_update_norm <= 0:
             max_update_norm = UPDATE_NORM_SLACK * local_steps * lr * math.sqrt(max(parameters, 1))

@@ -18,16 +18,24 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+from train_helpers import tiny_bundle, write_text_data
 
-from ortft import run as runs  # noqa: E402
-from ortft.federated import client_app  # noqa: E402
-from ortft.federated.aggregate import weighted_mean  # noqa: E402
-from ortft.federated.server_app import ServerSettings, make_strategy, run_federation  # noqa: E402
-from ortft.manifest import manifest_digest  # noqa: E402
-from ortft.runtime import INITIAL_ADAPTER  # noqa: E402
-from train_helpers import tiny_bundle, write_text_data  # noqa: E402
+from ortft import run as runs
+from ortft.federated import client_app
+from ortft.federated.aggregate import weighted_mean
+from ortft.federated.server_app import ServerSettings, make_strategy, run_federation
+from ortft.manifest import manifest_digest
+from ortft.runtime import INITIAL_ADAPTER
 
 HONEST_STEP = 1e-4  # what an honest node adds to every adapter element (node 1) or twice that (node 2)
 HONEST_EXAMPLES = {1: 10, 2: 30}
@@ -98,7 +106,7 @@ def attacker(change, eval_loss: float = 3.0):
 
 
 def settings_for(bundle: Path, out: Path, **extra) -> ServerSettings:
-    values = dict(bundle=str(bundle), out=str(out), rounds=1, min_nodes=3, local_steps=2, lr=1e-3, round_timeout=5.0)
+    values = {"bundle": str(bundle), "out": str(out), "rounds": 1, "min_nodes": 3, "local_steps": 2, "lr": 1e-3, "round_timeout": 5.0}
     values.update(extra)
     settings = ServerSettings(**values)
     settings.check()
@@ -106,7 +114,7 @@ def settings_for(bundle: Path, out: Path, **extra) -> ServerSettings:
 
 
 def _first(adapter: dict) -> str:
-    return sorted(adapter)[0]
+    return min(adapter)
 
 
 def _replace_first(value):
@@ -213,3 +221,18 @@ def test_the_client_refuses_a_global_adapter_with_extra_tensors(bundle, tmp_path
     TaskIdentity.node_id = 7
     reply = client_app.train(message, context)
     assert reply.has_error() and "does not fit this node's bundle" in reply.error.reason and "evil" in reply.error.reason
+
+
+def test_the_run_configuration_carries_the_new_settings():
+    """`federate local` and `flwr run --run-config` pass strategy, DP and bounds as run-config keys (the app's defaults too)."""
+    from ortft.errors import ConfigError
+    from ortft.federated.appdir import app_pyproject
+
+    settings = ServerSettings.from_run_config({"bundle": "b", "out": "o", "strategy": "trimmed-mean", "trim-beta": 0.3,
+                                               "dp-clip": 0.5, "dp-noise": 1.0, "max-update-norm": 2, "max-examples": 100})
+    assert (settings.strategy, settings.trim_beta, settings.dp_clip, settings.max_update_norm, settings.max_examples) == \
+        ("trimmed-mean", 0.3, 0.5, 2.0, 100)
+    for key in ("trim-beta", "krum-malicious-nodes", "dp-clip", "dp-noise", "max-update-norm", "max-examples"):
+        assert f"{key} = " in app_pyproject()
+    with pytest.raises(ConfigError, match="dp-noise needs dp-clip"):
+        ServerSettings.from_run_config({"bundle": "b", "out": "o", "dp-noise": 1.0})
