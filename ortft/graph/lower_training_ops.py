@@ -364,8 +364,11 @@ def remove_accumulators(context: _Context) -> int:
     if not accumulators:
         return 0
     inputs = {value.name: value for value in graph.input}
+    producers = {name: node for node in graph.node for name in node.output if name}
+    graph_outputs = {value.name for value in graph.output}
     replacement_outputs = {}
     aliases = []
+    renamed = {}  # gradient tensor -> <param>_grad, where the producing node can write the new name itself
     for node in accumulators:
         buffer, gradient = node.input[0], node.input[1]
         if not buffer.endswith(BUFFER_SUFFIX) or buffer[: -len(BUFFER_SUFFIX)] not in inputs:
@@ -375,8 +378,14 @@ def remove_accumulators(context: _Context) -> int:
         if gradient != gradient_name:
             if gradient_name in context.names:
                 raise RuntimeError(f"{ACCUMULATOR} {node.name}: {gradient_name} names another tensor")
-            alias = context.fresh(gradient_name + "/alias")
-            aliases.append(helper.make_node("Identity", [gradient], [gradient_name], name=alias))
+            producer = producers.get(gradient)
+            if producer is not None and gradient not in graph_outputs and gradient not in renamed:
+                # The producer writes <param>_grad itself: no Identity in front of the graph output (OpenVINO's
+                # provider drops such an Identity and then fails with "Output names mismatch").
+                renamed[gradient] = gradient_name
+            else:
+                alias = context.fresh(gradient_name + "/alias")
+                aliases.append(helper.make_node("Identity", [gradient], [gradient_name], name=alias))
             context.names.add(gradient_name)
         value = helper.make_tensor_value_info(gradient_name, parameter.type.tensor_type.elem_type, None)
         value.type.tensor_type.shape.CopyFrom(parameter.type.tensor_type.shape)
@@ -391,6 +400,16 @@ def remove_accumulators(context: _Context) -> int:
     still_read = {name for node in kept_nodes + aliases for name in node.input}
     dropped = {node.input[0] for node in accumulators} | {node.input[2] for node in accumulators if len(node.input) > 2}
     kept_inputs = [value for value in graph.input if value.name not in dropped or value.name in still_read]
+    for node in kept_nodes + aliases:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
+        for index, name in enumerate(node.output):
+            if name in renamed:
+                node.output[index] = renamed[name]
+    for value in graph.value_info:
+        if value.name in renamed:
+            value.name = renamed[value.name]
     del graph.node[:]
     graph.node.extend(kept_nodes + aliases)
     del graph.output[:]
