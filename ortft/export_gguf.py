@@ -196,8 +196,7 @@ def export_gguf_lora(bundle_dir: Path | str, manifest: dict, adapter: dict[str, 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        source_gguf = (manifest.get("source") or {}).get("gguf_file")
-        base = str(Path(manifest["source"]["path"]) / source_gguf) if source_gguf else None
+        base = (manifest.get("source") or {}).get("gguf_file")  # the source GGUF's file name (no host paths in exports)
         extra = {"gguf": {"file": LORA_FILE, "architecture": arch, "adapter_type": "lora", "alpha": scale * rank, "rank": rank,
                           "adapted_weights": count, "base_model": base}}
         return write_export_manifest(staging, "gguf-lora", bundle_dir, manifest, source, extra=extra)

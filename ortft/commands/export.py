@@ -34,7 +34,8 @@ from ..export_gguf import GGUF_TYPES
               help="onnx-adapter only: the adapter's name (adapters/NAME.onnx_adapter).  [default: the run folder's name]")
 @click.option("--gguf-type", type=click.Choice(GGUF_TYPES), default=None,
               help="gguf only: the weights' type (norms stay f32).  [default: f16]")
-@click.option("--force", is_flag=True, help="Replace an existing export folder (onnx-adapter: an existing adapter of that name).")
+@click.option("--force", is_flag=True, help="Replace an existing export folder (onnx-adapter: an adapter of that name in a "
+              "folder of the same bundle; any other folder is replaced whole).")
 def command(run_dir: str, out_dir: str, checkpoint: str, export_format: str, quantize: str | None, block_size: int | None,
             adapter_name: str | None, gguf_type: str | None, force: bool) -> None:
     """Export RUN_DIR's adapter (from `ortft train`) to --out."""
