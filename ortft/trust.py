@@ -265,13 +265,11 @@ def check_tokenizer_files(root: Path | str, manifest: dict, directory: str, what
 
 def open_bundle(root: Path | str, check_hashes: bool = True) -> dict:
     """The bundle's manifest after the whole gate: types, every listed file, the graphs' external data, the
-    tokenizer files. `check_hashes=False` skips only the sha256 (sizes, paths and links are still checked)."""
-    from .manifest import read_manifest
+    tokenizer files (ortft.manifest.load_verified). `check_hashes=False` skips only the sha256 (sizes, paths and
+    links are still checked)."""
+    from .manifest import load_verified
 
-    manifest = read_manifest(root)
-    verify_folder(root, manifest["files"], check_hashes)
-    check_tokenizer_files(root, manifest, manifest["tokenizer"]["dir"])
-    return manifest
+    return load_verified(root, check_hashes)
 
 
 def open_export(folder: Path | str) -> dict:
