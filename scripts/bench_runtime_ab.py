@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 spec = json.loads(sys.argv[1])
 bundle = Path(spec["bundle"])
-if not (bundle / "manifest.json").is_file():
-    from ortft.config import PrepareConfig
-    from ortft.prepare.pipeline import prepare_bundle
-    prepare_bundle(PrepareConfig(model=spec["model"], out=str(bundle), rank=16, alpha=32, layers=spec["layers"]), quiet=True)
+if "model" in spec:  # the preparing call: make the bundle once
+    if not (bundle / "manifest.json").is_file():
+        from ortft.config import PrepareConfig
+        from ortft.prepare.pipeline import prepare_bundle
+        prepare_bundle(PrepareConfig(model=spec["model"], out=str(bundle), rank=16, alpha=32, layers=spec["layers"]), quiet=True)
     print(json.dumps({"prepared": True}))
     sys.exit(0)
 from ortft.runtime import TrainingSession
