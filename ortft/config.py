@@ -13,6 +13,9 @@ TASKS = ("causal-lm", "seq-cls", "token-cls")
 # Fewest rows per loss slice of a float32 bundle. Quantized bundles keep even slices (1): there memory
 # comes first (SmolLM2 int4 at 1 x 128: 700 MB peak RSS with even slices, 822 MB with 256-row ones, 10% faster).
 FLOAT_LOSS_CHUNK_ROWS = 256
+# Query rows per chunk of the training graph's causal attention (ortft/graph/blocked_attention.py): each
+# chunk's [heads, rows, keys] scores exist only while it runs; 0 keeps the full [seq, seq] attention.
+ATTENTION_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -50,6 +53,7 @@ class PrepareConfig:
     # ... but no slice smaller than this many rows (fewer, larger LM-head products on short batches);
     # None: FLOAT_LOSS_CHUNK_ROWS, or 1 (even slices, the least memory) for quantized bundles
     loss_chunk_rows: int | None = None
+    attention_chunk_rows: int = ATTENTION_CHUNK_ROWS  # causal attention in query chunks (0: full scores)
     seed: int = 0
     external_data: bool | None = None  # None: only when the graph would pass ONNX's 2 GB limit
     inference_template: bool = True

@@ -26,23 +26,40 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ATTENTION_CHUNK_ROWS
 from ..fsutil import native_write_errors
+from ..graph.blocked_attention import BlockedAttention, gradient_definitions
 from ..graph.chunked_loss import ChunkedCrossEntropy
 from ..graph.eval_dropout import DisableDropout
-from ..graph.lower_bundle import lower_training_graphs
-from ..graph.external_tensors import ExternalizeInputs, write_external_blobs, write_external_tensors
+from ..graph.external_tensors import (
+    ExternalizeInputs,
+    write_external_blobs,
+    write_external_tensors,
+)
 from ..graph.lora_scale import ScaleLoraIntermediate
+from ..graph.lower_bundle import lower_training_graphs
 from ..graph.opset import UpgradeOpset, default_opset
 from ..graph.optional_outputs import AddOptionalOutputs
 from ..graph.pretranspose import PretransposeFrozenWeights
-from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.quantize_weights import (
+    NODE_PREFIX,
+    QuantizeWeights,
+    embedding_weights,
+    linear_weights,
+)
 from ..graph.recompute import RecomputeActivations, RecomputeNorms
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.shared_lora_input import ShareLoraInput
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..optimizer import ADAMW_UPDATE  # noqa: F401  (the manifest names the update ortft makes)
-from ..runtime import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, QUANTIZED_DATA, TRAINING_GRAPH
+from ..runtime import (
+    EVAL_GRAPH,
+    FROZEN_DATA,
+    INITIAL_ADAPTER,
+    QUANTIZED_DATA,
+    TRAINING_GRAPH,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +214,7 @@ def generate(
     out_dir: Path,
     verbose: bool = False,
     recompute_activations: bool = True,
+    attention_chunk_rows: int = ATTENTION_CHUNK_ROWS,
 ) -> dict:
     """Write training_model.onnx, eval_model.onnx (standard ONNX) and initial_adapter.safetensors to `out_dir`.
 
@@ -211,8 +229,10 @@ def generate(
     with native_write_errors():
         run_gradient_builder(loss_graph, out_dir, verbose)
         _write_initial_adapter(loss_graph, out_dir / INITIAL_ADAPTER)
+    blocked = _replace_attention_placeholders(out_dir, attention_chunk_rows)
     frozen_store = _store_frozen_weights(loss_graph, out_dir)
-    result = {"frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
+    result = {"blocked_attention": blocked, "attention_chunk_rows": attention_chunk_rows if blocked else 0,
+              "frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
               "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved,
               "lora_inputs_shared": loss_graph.lora_inputs_shared}
     if loss_graph.quantizer is not None:
@@ -244,7 +264,9 @@ def run_gradient_builder(loss_graph: LossGraph, out_dir: Path, verbose: bool = F
     with tempfile.TemporaryDirectory(prefix="ortft-grad-") as scratch:
         names = Path(scratch) / "requires_grad.json"
         names.write_text(json.dumps(sorted(loss_graph.trainable)), encoding="utf-8")
-        result = subprocess.run([str(python), str(worker), str(loss_graph.path), str(out_dir), str(names)],
+        gradients = Path(scratch) / "gradients.json"  # for ortft's placeholders (ortft/graph/blocked_attention.py)
+        gradients.write_text(json.dumps(gradient_definitions()), encoding="utf-8")
+        result = subprocess.run([str(python), str(worker), str(loss_graph.path), str(out_dir), str(names), str(gradients)],
                                 stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
                                 text=True, errors="replace")
     if result.returncode != 0:
@@ -252,6 +274,24 @@ def run_gradient_builder(loss_graph: LossGraph, out_dir: Path, verbose: bool = F
         if "No space left" in tail or "errno:28" in tail:
             raise OSError(28, f"No space left on device while ORT's gradient builder wrote {out_dir}")
         raise RuntimeError(f"ORT's gradient builder failed (exit {result.returncode}):\n{tail}")
+
+
+def _replace_attention_placeholders(out_dir: Path, chunk_rows: int) -> int:
+    """Chunked attention (ortft/graph/blocked_attention.py) in place of the placeholders the export wrote,
+    in both graphs; returns how many attention layers the training graph has in that form."""
+    import onnx
+
+    if chunk_rows < 1:  # the export wrote no placeholders (PrepareConfig.attention_chunk_rows 0)
+        return 0
+    counts = {}
+    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
+        path = out_dir / file_name
+        graph = onnx.load(str(path), load_external_data=False)
+        counts[file_name] = BlockedAttention(chunk_rows).call(graph).count
+        if counts[file_name]:
+            onnx.save_model(graph, str(path))
+        del graph
+    return counts[TRAINING_GRAPH]
 
 
 def _recompute_activations(path: Path) -> dict:

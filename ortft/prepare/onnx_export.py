@@ -15,6 +15,7 @@ from pathlib import Path
 from . import loss_graph
 from .activations import export_friendly_activations
 from .attention import export_friendly_attention
+from .attention_placeholder import placeholder_attention
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,14 @@ def _is_encoder(model) -> bool:
     return getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta")
 
 
-def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, opset: int, verbose: bool = False):
+def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, opset: int, verbose: bool = False,
+                          attention_placeholders: bool = False):
     """Export the loss graph of `peft_model` to `path`; returns the loaded onnx.ModelProto and how many
-    attention functions were exported in their cheaper form (ortft/prepare/attention.py)."""
+    attention functions were exported in their cheaper form (ortft/prepare/attention.py).
+
+    `attention_placeholders`: causal attention becomes one placeholder node per layer, for
+    ortft/graph/blocked_attention.py to replace after the gradient builder (ortft/prepare/attention_placeholder.py).
+    """
     import onnx
     import torch
 
@@ -64,7 +70,8 @@ def export_training_graph(peft_model, task: str, vocab_size: int, path: Path, op
         dynamic_axes["logits"] = {0: "batch", 1: "sequence"}
     base = peft_model.get_base_model()
     with (warnings.catch_warnings(), export_patches(base), export_friendly_activations(base),
-          export_friendly_attention(base) as attention_functions_replaced):
+          export_friendly_attention(base) as attention_functions_replaced,
+          placeholder_attention(base) if attention_placeholders else contextlib.nullcontext(0)):
         if not verbose:
             warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -239,7 +239,8 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             from .onnx_export import export_training_graph
 
             loss_model, attention_functions_replaced = export_training_graph(
-                peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose
+                peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose,
+                attention_placeholders=config.attention_chunk_rows > 0,
             )
             patched = artifacts.prepare_loss_graph(loss_model)
             graph_io = _graph_io(loss_model)
@@ -265,7 +266,8 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
             passes = artifacts.generate(loss_graph, stage_dir, config.verbose,
-                                        recompute_activations=config.recompute_activations)
+                                        recompute_activations=config.recompute_activations,
+                                        attention_chunk_rows=config.attention_chunk_rows)
             quantization_section = passes.pop("quantization", None)
             frozen_weights_section = passes.pop("frozen_weights")
             if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files

@@ -94,10 +94,11 @@ def test_a_bundle_with_cheaper_attention_trains_exactly_like_one_without(tiny_ll
 
     from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
 
-    cheaper = prepare_tiny(tiny_llama, tmp_path / "cheaper")
+    # The full [seq, seq] attention (no chunks: tests/prepare/test_blocked_attention.py tests those).
+    cheaper = prepare_tiny(tiny_llama, tmp_path / "cheaper", attention_chunk_rows=0)
     with monkeypatch.context() as patch:
         patch.setattr(onnx_export, "export_friendly_attention", lambda model: contextlib.nullcontext(0))
-        plain = prepare_tiny(tiny_llama, tmp_path / "plain")
+        plain = prepare_tiny(tiny_llama, tmp_path / "plain", attention_chunk_rows=0)
     assert cheaper["graph_patches"]["attention_functions_replaced"] == 2
     assert plain["graph_patches"]["attention_functions_replaced"] == 0
     plain_ops, cheaper_ops = _op_counts(tmp_path / "plain"), _op_counts(tmp_path / "cheaper")
