@@ -3,11 +3,12 @@
 # package (it has no wheels there): the slow tests check ortft's GGUF exports against llama.cpp with it.
 # Needs cmake and a C/C++ compiler. Only the library is built (no examples, tools, server or multimodal
 # helper), for this CPU. Idempotent: a stamp file records what was built; a ready venv costs a second.
-# Prints the venv's Python on its last line. Knobs: LLAMA_CPP_VENV (default .venv-llama-cpp), PYTHON, JOBS.
+# Prints the venv's Python on its last line. Knobs: LLAMA_CPP_VENV (default ~/.cache/ortft/venv-llama-cpp:
+# outside the checkout, so a fresh clone on the same machine reuses the 10-30 minute build), PYTHON, JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=${LLAMA_CPP_VENV:-.venv-llama-cpp}
+VENV=${LLAMA_CPP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ortft/venv-llama-cpp}
 REQUIREMENT="llama-cpp-python==0.3.36"
 stamp="$VENV/.ortft-llama-cpp-stamp"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$REQUIREMENT" ]; then
