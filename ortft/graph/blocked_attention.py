@@ -334,7 +334,7 @@ class BlockedAttention(GraphPass):
             layout, number = layouts[node.input[-1]]
             wanted = {name: grad for name, grad in zip(("query", "key", "value"), node.output)
                       if grad and (consumers.get(grad) or grad in graph_outputs)}
-            e = _Emitter(f"{PREFIX}{number}/grad", opset)
+            e = _Emitter(f"{PREFIX}{number}_Grad", opset)  # "_Grad/": backward nodes to recompute.backward_nodes
             emit_backward(e, layout, node.input[0], node.input[-1], wanted)
             replacement[id(node)] = e.nodes
         nodes = []

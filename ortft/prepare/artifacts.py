@@ -30,6 +30,7 @@ from ..config import ATTENTION_CHUNK_ROWS
 from ..fsutil import native_write_errors
 from ..graph.blocked_attention import BlockedAttention, gradient_definitions
 from ..graph.chunked_loss import ChunkedCrossEntropy
+from ..graph.delay_recompute import DelayRecomputation
 from ..graph.eval_dropout import DisableDropout
 from ..graph.external_tensors import (
     ExternalizeInputs,
@@ -239,6 +240,7 @@ def generate(
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result.update(_recompute_activations(out_dir / TRAINING_GRAPH) if recompute_activations
                   else {"recomputed_activations": 0, "recomputed_norms": 0})
+    result["recomputation_delayed"] = _delay_recomputation(out_dir / TRAINING_GRAPH)
     eval_path = out_dir / EVAL_GRAPH
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
@@ -305,6 +307,18 @@ def _recompute_activations(path: Path) -> dict:
     if any(counts.values()):
         onnx.save_model(graph, str(path))
     return counts
+
+
+def _delay_recomputation(path: Path) -> int:
+    """Make every recomputed clone wait for the backward pass (ortft/graph/delay_recompute.py); returns
+    how many clone chains now do (manifest `recomputation_delayed`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    count = DelayRecomputation().call(graph).count
+    if count:
+        onnx.save_model(graph, str(path))
+    return count
 
 
 def _finish_quantized(out_dir: Path, loss_graph: LossGraph) -> dict:
