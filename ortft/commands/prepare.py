@@ -45,11 +45,10 @@ _defaults = PrepareConfig()
               help="Let the backward pass reuse the forward's dequantized weights (faster, more memory).")
 @click.option("--no-recompute-activations", is_flag=True,
               help="Keep the MLP's act(gate) and act * up and the adapters' normed inputs for the backward "
-                   "pass instead of computing them again (more memory: SmolLM2 at 4 x 256 peaks ~490 MB higher; "
-                   "no faster measured).")
+                   "pass instead of computing them again (more memory, no faster; docs/benchmarks.md).")
 @click.option("--loss-chunks", type=click.IntRange(min=0), default=_defaults.loss_chunks, show_default=True,
               help="Causal LM: compute the LM head and cross-entropy in this many row slices, as a log-sum-exp of "
-                   "threaded ops; 0 keeps ORT's SoftmaxCrossEntropyLoss (one thread, ~0.5 s slower per SmolLM2 step at 4 x 256).")
+                   "threaded ops; 0 keeps ORT's SoftmaxCrossEntropyLoss (one thread, slower; docs/benchmarks.md).")
 @click.option("--loss-chunk-rows", type=click.IntRange(min=1), default=None,
               help="The fewest labelled rows per loss slice: batches with few labelled positions use fewer, larger "
                    "slices (larger LM-head products run faster); more rows per slice cost memory. "
