@@ -1,7 +1,7 @@
 """Export a loss wrapper to an ONNX training graph whose initializers keep PEFT's parameter names.
 
 Uses torch's TorchScript exporter inside Optimum's model patcher (transformers 4.57's mask code
-does not trace otherwise; see docs/field-notes), with constant folding off so no parameter is
+does not trace otherwise; see docs/findings.md), with constant folding off so no parameter is
 renamed or folded, in training mode so dropout and friends stay differentiable.
 """
 
