@@ -57,3 +57,10 @@ def test_stale_missing_and_unknown_blocks_are_reported(cli_reference, tmp_path):
     assert cli_reference.main(["--doc", str(doc)]) == 1
     assert cli_reference.render_block("train") in doc.read_text()
     assert "old help" not in doc.read_text()
+
+
+def test_the_readme_command_table_names_every_command(cli_reference):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Commands"):]
+    missing = [name for name in cli_reference.command_names() if f"| `ortft {name}" not in table]
+    assert not missing, f"README.md's command table lacks {missing}"
