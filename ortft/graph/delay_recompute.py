@@ -25,6 +25,7 @@ from .recompute import RECOMPUTE_SUFFIX, backward_nodes
 
 SEARCH_DEPTH = 4  # how many consumers past the clone to look for a gradient tensor
 DELAY_PREFIX = "ortft_delay"
+_SHAPE_OPS = frozenset({"Shape", "Size"})
 _DELAYED_INPUT = {"DequantizeLinear": 1}  # which input waits: the float scale, not the int4/int8 weight
 
 
@@ -42,20 +43,24 @@ class DelayRecomputation(GraphPass):
         producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
         consumers: dict[str, list[int]] = {}
         for index, node in enumerate(nodes):
-            for name in node.input:
+            for name in set(node.input) | _subgraph_reads(node):
                 consumers.setdefault(name, []).append(index)
+        waits: dict[int, list[int]] = {}
+        early = _forward_only_backward_nodes(nodes, backward, producer, clones)
         added: dict[int, list] = {}
         count = 0
-        for index in sorted(clones):
+        for index in sorted(clones | early):
             node = nodes[index]
             if any(name in clone_outputs for name in node.input) or node.name.startswith(DELAY_PREFIX):
                 continue  # a later link of a chain waits for its first one
-            position = _DELAYED_INPUT.get(node.op_type, 0)
+            position = _DELAYED_INPUT.get(node.op_type)
+            if position is None:  # the first input a forward node makes
+                position = next((at for at, name in enumerate(node.input) if name in producer), 0)
             if len(node.input) <= position or not node.input[position]:
                 continue
             if node.input[position].startswith(DELAY_PREFIX):
                 continue  # delayed by an earlier run of this pass
-            gate = _gradient_tensor(index, nodes, consumers, producer, backward, clones)
+            gate = _gradient_tensor(index, nodes, consumers, producer, backward, clones, waits)
             if gate is None:
                 continue
             prefix = f"{DELAY_PREFIX}{count}"
@@ -71,6 +76,7 @@ class DelayRecomputation(GraphPass):
                             helper.make_node("Sub", [shape, zero], [late_shape], name=late_shape),
                             helper.make_node("Reshape", [waited, late_shape], [late], name=late)]
             node.input[position] = late
+            waits.setdefault(producer[gate], []).append(index)
             count += 1
         if not count:
             return PassResult(model, False, 0)
@@ -83,23 +89,46 @@ class DelayRecomputation(GraphPass):
         return PassResult(model, True, count)
 
 
-def _gradient_tensor(clone: int, nodes: list, consumers: dict, producer: dict, backward: set, clones: set) -> str | None:
+def _forward_only_backward_nodes(nodes: list, backward: set, producer: dict, clones: set) -> set:
+    """Backward nodes (gradient-builder or lowering nodes, `_Grad/` in their names) that read only forward
+    tensors: e.g. a lowered activation gradient's sigmoid(x) or a norm gradient's x * inv_std, or the zeros
+    an accumulator starts from. Ready in the forward pass, they would run there and hold their outputs.
+    Shape and Size nodes are left alone (their outputs are a few integers) and count as forward tensors."""
+    early, shapes = set(), set()
+    for index in sorted(backward):
+        node = nodes[index]
+        if index in clones or node.name.startswith(DELAY_PREFIX) or "_Grad/" not in node.name:
+            continue
+        sources = [producer[name] for name in node.input if name in producer]
+        if not sources or any(source in backward and source not in shapes for source in sources):
+            continue
+        if node.op_type in _SHAPE_OPS:
+            shapes.add(index)
+        else:
+            early.add(index)
+    return early
+
+
+def _gradient_tensor(clone: int, nodes: list, consumers: dict, producer: dict, backward: set, clones: set,
+                     waits: dict) -> str | None:
     """A tensor that a backward node makes and that a node reached from `clone` within SEARCH_DEPTH
-    consumer steps reads, and that does not itself depend on the clone (no cycle)."""
-    descendants, stack = set(), [clone]
+    consumer steps reads, and that does not itself depend on the clone (no cycle), counting the
+    dependencies earlier delays added (`waits`: gradient producer -> the nodes now waiting for it)."""
+    descendants, stack = {clone}, [clone]
     while stack:
-        for name in nodes[stack.pop()].output:
-            for user in consumers.get(name, []):
-                if user not in descendants:
-                    descendants.add(user)
-                    stack.append(user)
+        index = stack.pop()
+        users = [user for name in nodes[index].output for user in consumers.get(name, [])] + waits.get(index, [])
+        for user in users:
+            if user not in descendants:
+                descendants.add(user)
+                stack.append(user)
     frontier = [clone]
     for _ in range(SEARCH_DEPTH):
         reached = [user for index in frontier for name in nodes[index].output for user in consumers.get(name, [])]
         for user in reached:
             if user in clones:
                 continue
-            for name in nodes[user].input:
+            for name in [*nodes[user].input, *sorted(_subgraph_reads(nodes[user]))]:  # a Loop reads gradients in its body
                 source = producer.get(name)
                 if source is not None and source in backward and source not in descendants and source not in clones:
                     return name

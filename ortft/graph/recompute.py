@@ -38,6 +38,7 @@ from collections.abc import Callable
 from .base import GraphPass, PassResult
 
 RECOMPUTE_SUFFIX = "_recompute"
+BLOCKED_ATTENTION_PREFIX = "ortft_attention"  # ortft/graph/blocked_attention.py names its nodes so
 ACTIVATION_OPS = frozenset({"QuickGelu", "Gelu", "FastGelu", "Sigmoid", "Tanh", "Relu", "Mul"})
 
 
@@ -138,7 +139,9 @@ class RecomputeActivations(RecomputeForBackward):
     """Recompute cheap elementwise forward results (ACTIVATION_OPS) whose inputs the backward keeps anyway."""
 
     def __init__(self, ops=ACTIVATION_OPS):
-        super().__init__(lambda node: node.op_type in ops and node.domain in ("", "com.microsoft"))
+        # the blocked attention's own nodes are left alone: their Muls are index arithmetic on scalars
+        super().__init__(lambda node: node.op_type in ops and node.domain in ("", "com.microsoft")
+                         and not node.name.startswith(BLOCKED_ATTENTION_PREFIX))
 
 
 class RecomputeNorms(RecomputeForBackward):

@@ -240,7 +240,6 @@ def generate(
         result["quantization"] = _finish_quantized(out_dir, loss_graph)
     result.update(_recompute_activations(out_dir / TRAINING_GRAPH) if recompute_activations
                   else {"recomputed_activations": 0, "recomputed_norms": 0})
-    result["recomputation_delayed"] = _delay_recomputation(out_dir / TRAINING_GRAPH)
     eval_path = out_dir / EVAL_GRAPH
     eval_model = onnx.load(str(eval_path), load_external_data=False)
     dropout_off = DisableDropout().call(eval_model).count
@@ -248,6 +247,8 @@ def generate(
         onnx.save_model(eval_model, str(eval_path))
     result["eval_dropout_disabled"] = dropout_off
     result["lowered_training_ops"] = lower_training_graphs(out_dir)
+    # after the lowering: lowered gradient ops have forward-only parts that must wait too
+    result["recomputation_delayed"] = _delay_recomputation(out_dir / TRAINING_GRAPH)
     return result
 
 
