@@ -69,3 +69,48 @@ def test_bug_keeps_its_traceback(monkeypatch):
         assert "a bug" in str(exc)
     else:
         raise AssertionError("a bug must propagate with its traceback")
+
+
+def _leaf_commands():
+    """(name, click.Command) of every command and subcommand, loaded the way `ortft --help` loads them."""
+    import click
+
+    from ortft.cli import cli
+
+    context = click.Context(cli)
+    found = []
+
+    def walk(command, name):
+        if isinstance(command, click.Group):
+            for sub in command.list_commands(context):
+                walk(command.get_command(context, sub), f"{name} {sub}".strip())
+        else:
+            found.append((name, command))
+
+    walk(cli, "")
+    return found
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    commands = _leaf_commands()
+    assert {name for name, _ in commands} >= {"train", "eval", "export", "generate", "predict", "prepare", "federate local"}
+    undescribed = [f"{name} {param.opts[0]}" for name, command in commands for param in command.params
+                   if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert undescribed == []
+
+
+def test_help_marks_required_options():
+    import click
+
+    for name, command in _leaf_commands():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.required:
+                record = param.get_help_record(click.Context(command))
+                assert "[required]" in record[1], (name, param.opts)
+    train_help = run_ortft("train", "--help").stdout
+    for option in ("--data", "--out"):  # required, but a --config file may give them instead
+        text = " ".join(train_help.split(option + " ", 1)[1].split("\n  --", 1)[0].split())
+        assert "[required, or" in text and "--config]" in text, (option, text)
+    assert "[default: 512, or the bundle's max_seq_len if smaller]" in " ".join(train_help.split())

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from ..cli_paths import InputPath
 from ..generate import SamplingSettings
 from ..providers import provider_option
 
@@ -17,17 +18,22 @@ _defaults = SamplingSettings()
 
 
 @click.command("generate")
-@click.argument("model_dir", metavar="EXPORT_DIR_OR_RUN", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", metavar="EXPORT_DIR_OR_RUN", type=InputPath(
+    "pass an export folder (`ortft export --out`), a run folder (`ortft train --out`) or a bundle (`ortft prepare --out`)",
+    file_okay=False))
 @click.option("--prompt", default=None, help="The text to continue (with --chat: the user's message).")
 @click.option("--chat", is_flag=True, help="Use the chat template; without --prompt, read one message per line from stdin.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True,
+              help="Stop after this many new tokens (or earlier, at an end-of-sequence token or the model's context).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=_defaults.temperature, show_default=True,
               help="0 picks the most likely token (greedy).")
 @click.option("--top-k", type=click.IntRange(min=0), default=_defaults.top_k, show_default=True, help="0 keeps every token.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=_defaults.top_p, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=_defaults.top_p, show_default=True,
+              help="Sample from the fewest most likely tokens whose probabilities add up to this; 1.0 keeps every token.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=_defaults.repetition_penalty,
-              show_default=True)
-@click.option("--seed", type=int, default=_defaults.seed, show_default=True)
+              show_default=True, help="Make tokens already in the text less likely (above 1.0) or more likely (below); "
+                                      "1.0 turns it off.")
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed of the sampler (temperature above 0).")
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
 @click.option("--adapter", default=None, metavar="NAME",
               help="For an onnx-adapter export: serve its adapter NAME (adapters/NAME.onnx_adapter); without it, the base model.")
