@@ -29,5 +29,5 @@ def command(run_dir: Path, out_png: Path | None) -> None:
     log = read_metrics(metrics_path)
     click.echo(format_summary(summarize(log), metrics_path))
     target = out_png if out_png is not None else metrics_path.parent / DEFAULT_PLOT_NAME
-    written = write_plot(log, target)
+    written = write_plot(log, target, run_path=run_dir)
     click.echo(f"plot             {written}")
