@@ -22,7 +22,9 @@ _defaults = SamplingSettings()
     "pass an export folder (`ortft export --out`), a run folder (`ortft train --out`) or a bundle (`ortft prepare --out`)",
     file_okay=False))
 @click.option("--prompt", default=None, help="The text to continue (with --chat: the user's message).")
-@click.option("--chat", is_flag=True, help="Use the chat template; without --prompt, read one message per line from stdin.")
+@click.option("--chat", is_flag=True,
+              help="Use the chat template; without --prompt, a conversation on stdin: one message per line (a line ending "
+                   "in \\ continues on the next), /reset starts anew, /exit or Ctrl-D leaves.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True,
               help="Stop after this many new tokens (or earlier, at an end-of-sequence token or the model's context).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=_defaults.temperature, show_default=True,
@@ -78,18 +80,20 @@ def _print_stream(generator, pieces) -> str:
 
 
 def _interactive_chat(generator, settings: SamplingSettings) -> None:
-    """One user message per stdin line until EOF; the conversation so far is the context."""
+    """Messages from stdin until /exit or its end; the conversation so far is the context (/reset clears it)."""
+    from ..chat_input import CHAT_HELP, read_chat_input
+
     messages: list[dict] = []
-    interactive = sys.stdin.isatty()
+    prompt = (lambda text: click.echo(text, nl=False, err=True)) if sys.stdin.isatty() else None
+    click.echo(CHAT_HELP, err=True)
     while True:
-        if interactive:
-            click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        entry = read_chat_input(sys.stdin, prompt)
+        if entry.command == "exit":
             break
-        text = line.rstrip("\n")
-        if not text.strip():
+        if entry.command == "reset":
+            messages.clear()
+            click.echo("(a new conversation)", err=True)
             continue
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": entry.message})
         reply = _print_stream(generator, generator.stream_chat(messages, settings))
         messages.append({"role": "assistant", "content": reply})
