@@ -54,6 +54,28 @@ def test_unknown_option_is_a_usage_error():
     result = run_ortft("info", "--no-such-flag")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert result.stderr == "error: No such option '--no-such-flag'\n  what to do: see `ortft info --help`\n"
+
+
+def test_usage_errors_are_said_the_ortft_way(capsys):
+    from ortft.cli import main
+
+    cases = [
+        (["export", ".", "--out", "x", "--format", "nope"], "error: --format: 'nope' is not one of 'merged-onnx'", "ortft export --help"),
+        (["eval", "."], "error: Missing option '--data'", "ortft eval --help"),
+        (["generate", ".", "--top-p", "5"], "error: --top-p: 5.0 is not in the range", "ortft generate --help"),
+        (["no-such-command"], "error: No such command 'no-such-command'", "ortft --help"),
+    ]
+    for argv, message, help_command in cases:
+        try:
+            main(argv)
+        except SystemExit as exit_info:
+            assert exit_info.code == 2, argv
+        else:
+            raise AssertionError(f"{argv} must exit 2")
+        err = capsys.readouterr().err
+        assert err.startswith(message), (argv, err)
+        assert f"  what to do: see `{help_command}`" in err and "Usage:" not in err and "Invalid value" not in err, err
 
 
 def test_bug_keeps_its_traceback(monkeypatch):
