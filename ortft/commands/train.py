@@ -149,7 +149,8 @@ def command(ctx, bundle, **values):
         f"train loss {summary['final_train_loss']:.4f}"
         + (f", eval loss {first:.4f} -> best {best:.4f} (step {summary['best_step']})" if best is not None and first is not None else "")
         + (f", best eval loss {best:.4f}" if best is not None and first is None else "")
-        + f"; {summary['tokens_per_s']:.0f} tokens/s, {summary['train_seconds']:.1f} s training, peak RSS {summary['peak_rss_mb']:.0f} MB",
+        + f"; {summary['tokens_per_s']:.0f} tokens/s over {summary['train_seconds']:.1f} s of training steps, "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB",
         err=True,
     )
     if not summary["finished"]:
