@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             click.echo(f"  what to do: {exc.hint}", err=True)
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # a bad, missing or unknown option: said the ortft way, exit code 2
+        click.echo(f"error: {usage_problem(exc)}", err=True)
+        command_path = exc.ctx.command_path if exc.ctx is not None else "ortft"
+        click.echo(f"  what to do: see `{command_path} --help`", err=True)
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -80,3 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+def usage_problem(exc: click.UsageError) -> str:
+    """click's message for a usage error, without its "Invalid value for" wrapping: `--format: 'x' is not one of ...`."""
+    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter):
+        where = exc.param_hint or (exc.param.get_error_hint(exc.ctx) if exc.param is not None and exc.ctx is not None else None)
+        if isinstance(where, str):
+            return f"{where.replace(chr(39), '')}: {exc.message.rstrip('.')}"
+    return exc.format_message().rstrip(".")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import RunError, UserError
 from .fsutil import write_bytes_atomic
+from .run_summary_text import totals_lines
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +203,9 @@ def format_summary(summary: RunSummary, metrics_path: Path | None = None) -> str
         lines.append(f"best eval acc.   {_number(summary.best_eval_accuracy)} (step {summary.best_eval_accuracy_step})")
     if summary.best_eval_f1 is not None:
         lines.append(f"best entity F1   {_number(summary.best_eval_f1)} (step {summary.best_eval_f1_step})")
-    lines.append(f"mean tokens/s    {_number(summary.mean_tokens_per_s, 1)}")
-    for key, value in summary.run_totals.items():
-        lines.append(f"run {key:<12s} {value}")
+    if not summary.run_totals:
+        lines.append("ended            not recorded: the run is still going, or was killed before its end")
+    lines.extend(totals_lines(summary.run_totals, summary.mean_tokens_per_s))
     return "\n".join(lines)
 
 
@@ -223,7 +224,9 @@ def _import_matplotlib_agg():
 
 
 def render_png(log: MetricsLog, title: str | None = None) -> bytes:
-    """Draw loss (training line, evaluation markers) and learning rate against step; return PNG bytes."""
+    """Draw loss (training line, evaluation markers) and learning rate against step; return PNG bytes.
+
+    `title` names the run above both plots; each plot's own title says what it shows."""
     Figure, FigureCanvasAgg, MaxNLocator = _import_matplotlib_agg()
     figure = Figure(figsize=(8, 6.5), dpi=100)
     FigureCanvasAgg(figure)
@@ -248,7 +251,9 @@ def render_png(log: MetricsLog, title: str | None = None) -> bytes:
     loss_axes.grid(True, alpha=0.3)
     if train or with_eval_loss:
         loss_axes.legend(loc="upper right")
-    loss_axes.set_title(title or "training run")
+    loss_axes.set_title("training loss per step" + (", validation loss at each evaluation" if with_eval_loss else "")
+                        + (", validation accuracy" if with_accuracy else ""), fontsize=10)
+    figure.suptitle(title or "training run")
 
     with_lr = [r for r in train if _is_number(r.get("lr"))]
     if with_lr:
@@ -256,6 +261,7 @@ def render_png(log: MetricsLog, title: str | None = None) -> bytes:
     else:
         lr_axes.text(0.5, 0.5, "no learning-rate records", ha="center", va="center", transform=lr_axes.transAxes)
     lr_axes.set_ylabel("learning rate")
+    lr_axes.set_title("learning rate per step", fontsize=10)
     lr_axes.set_xlabel("step")
     lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     lr_axes.grid(True, alpha=0.3)
@@ -277,9 +283,24 @@ def metrics_path_for(run_path: Path | str) -> Path:
     return run_path / METRICS_FILE_NAME
 
 
-def write_plot(log: MetricsLog, out_path: Path | str) -> Path:
-    """Render the plot and write it atomically (temporary name in the same folder, then rename)."""
+def plot_title(run_path: Path | str) -> str:
+    """The plot's title: the run folder as the user named it, with its parent folder when only its name was given
+    (`run` in /tmp/demo: demo/run); the last three parts of a long path."""
+    run_path = Path(run_path)
+    if run_path.is_file() or run_path.name == METRICS_FILE_NAME:
+        run_path = run_path.parent
+    if len(run_path.parts) < 2:
+        run_path = Path(*run_path.resolve().parts[-2:])
+    shown = str(run_path)
+    if len(shown) > 60 and len(run_path.parts) > 3:
+        shown = ".../" + "/".join(run_path.parts[-3:])
+    return f"{shown}: loss and learning rate by step"
+
+
+def write_plot(log: MetricsLog, out_path: Path | str, run_path: Path | str | None = None) -> Path:
+    """Render the plot (titled after `run_path`, else the metrics file's folder) and write it atomically
+    (temporary name in the same folder, then rename)."""
     out_path = Path(out_path)
-    png_bytes = render_png(log, title=log.path.parent.name or None)
+    png_bytes = render_png(log, title=plot_title(run_path if run_path is not None else log.path.parent))
     write_bytes_atomic(out_path, png_bytes)
     return out_path

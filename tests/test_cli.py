@@ -54,6 +54,28 @@ def test_unknown_option_is_a_usage_error():
     result = run_ortft("info", "--no-such-flag")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert result.stderr == "error: No such option '--no-such-flag'\n  what to do: see `ortft info --help`\n"
+
+
+def test_usage_errors_are_said_the_ortft_way(capsys):
+    from ortft.cli import main
+
+    cases = [
+        (["export", ".", "--out", "x", "--format", "nope"], "error: --format: 'nope' is not one of 'merged-onnx'", "ortft export --help"),
+        (["eval", "."], "error: Missing option '--data'", "ortft eval --help"),
+        (["generate", ".", "--top-p", "5"], "error: --top-p: 5.0 is not in the range", "ortft generate --help"),
+        (["no-such-command"], "error: No such command 'no-such-command'", "ortft --help"),
+    ]
+    for argv, message, help_command in cases:
+        try:
+            main(argv)
+        except SystemExit as exit_info:
+            assert exit_info.code == 2, argv
+        else:
+            raise AssertionError(f"{argv} must exit 2")
+        err = capsys.readouterr().err
+        assert err.startswith(message), (argv, err)
+        assert f"  what to do: see `{help_command}`" in err and "Usage:" not in err and "Invalid value" not in err, err
 
 
 def test_bug_keeps_its_traceback(monkeypatch):
@@ -69,3 +91,48 @@ def test_bug_keeps_its_traceback(monkeypatch):
         assert "a bug" in str(exc)
     else:
         raise AssertionError("a bug must propagate with its traceback")
+
+
+def _leaf_commands():
+    """(name, click.Command) of every command and subcommand, loaded the way `ortft --help` loads them."""
+    import click
+
+    from ortft.cli import cli
+
+    context = click.Context(cli)
+    found = []
+
+    def walk(command, name):
+        if isinstance(command, click.Group):
+            for sub in command.list_commands(context):
+                walk(command.get_command(context, sub), f"{name} {sub}".strip())
+        else:
+            found.append((name, command))
+
+    walk(cli, "")
+    return found
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    commands = _leaf_commands()
+    assert {name for name, _ in commands} >= {"train", "eval", "export", "generate", "predict", "prepare", "federate local"}
+    undescribed = [f"{name} {param.opts[0]}" for name, command in commands for param in command.params
+                   if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert undescribed == []
+
+
+def test_help_marks_required_options():
+    import click
+
+    for name, command in _leaf_commands():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.required:
+                record = param.get_help_record(click.Context(command))
+                assert "[required]" in record[1], (name, param.opts)
+    train_help = run_ortft("train", "--help").stdout
+    for option in ("--data", "--out"):  # required, but a --config file may give them instead
+        text = " ".join(train_help.split(option + " ", 1)[1].split("\n  --", 1)[0].split())
+        assert "[required, or" in text and "--config]" in text, (option, text)
+    assert "[default: 512, or the bundle's max_seq_len if smaller]" in " ".join(train_help.split())

@@ -124,6 +124,20 @@ def test_eval_bad_input_exits_2_without_traceback(bundle, data, trained, tmp_pat
     user_error(run_ortft("eval", bundle, "--data", data["valid"], "--batch-size", "0"))
 
 
+def test_eval_on_an_export_folder_names_it_and_suggests_the_run_folder(data, trained, tmp_path):
+    from ortft.export import export_run
+
+    export = tmp_path / "export"
+    export_run(trained, export, checkpoint="best", kind="adapter")
+    stderr = user_error(run_ortft("eval", export, "--data", data["valid"]),
+                        f"{export} is an export folder (adapter, exported from run folder 'run' at checkpoints/step-",
+                        "not a bundle or a run folder")
+    hint = stderr.split("what to do: ", 1)[1]
+    checkpoint = json.loads((export / "manifest.json").read_text())["source"]["checkpoint"]
+    assert hint.startswith(f"evaluate the run folder it came from: ortft eval RUN_DIR --data {data['valid']} --checkpoint {checkpoint}")
+    assert "the `ortft train --out` folder named 'run'" in hint
+
+
 def test_evaluate_path_raises_user_errors(bundle, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")

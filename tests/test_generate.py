@@ -139,3 +139,26 @@ def test_cli_prompt_and_interactive_chat(bundle, export_dir, tmp_path, capsys, m
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", str(export_dir)])
     assert exit_info.value.code == 2
+
+
+def test_interactive_chat_says_how_to_leave_resets_and_takes_multi_line_messages(export_dir, capsys, monkeypatch):
+    import io
+
+    from ortft.cli import main
+
+    conversations = []
+    original = Generator.stream_chat
+
+    def recording(self, messages, settings=SamplingSettings()):
+        conversations.append([dict(message) for message in messages])
+        return original(self, messages, settings)
+
+    monkeypatch.setattr(Generator, "stream_chat", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\\\nsecond\nagain\n/reset\nafresh\n/exit\nnever sent\n"))
+    main(["generate", str(export_dir), "--chat", "--max-new-tokens", "2", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert err.startswith("chat: type a message") and "/exit or Ctrl-D leaves" in err and "/reset starts a new conversation" in err
+    assert "(a new conversation)" in err
+    users = [[message["content"] for message in conversation if message["role"] == "user"] for conversation in conversations]
+    assert users == [["first\nsecond"], ["first\nsecond", "again"], ["afresh"]]
+    assert [message["role"] for message in conversations[1]] == ["user", "assistant", "user"]

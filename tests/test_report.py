@@ -120,8 +120,9 @@ def test_cli_writes_png_and_prints_summary(tmp_path, capsys):
     assert "first 2.8000  last 1.0000  min 1.0000 (step 10)" in output
     assert "best eval loss   1.5000 (step 5)" in output
     assert f"eval perplexity  {math.exp(1.5):.3f}" in output
-    assert "mean tokens/s    550.0" in output
-    assert "run elapsed_s" in output
+    assert "550.0 mean of the steps' own rates" in output
+    assert "elapsed s        42" in output  # a key this ortft does not know, in words
+    assert "ended            ran to the end" not in output  # the synthetic summary says nothing about how it ended
     leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".ortft-tmp-")]
     assert leftovers == []
 
@@ -189,3 +190,85 @@ def test_missing_matplotlib_prints_summary_first_then_asks_for_plot_extra(tmp_pa
     assert not (run_dir / "loss_curve.png").exists()
     assert run_main(["report", str(run_dir)]) == 2
     assert "install the [plot] extra" in capsys.readouterr().err
+
+
+def _real_summary(**changes) -> dict:
+    """A summary record as `ortft train` writes it (ortft/train.py)."""
+    record = {
+        "event": "summary", "step": 40, "total_steps": 120, "finished": False, "stopped_by": "stop_after",
+        "final_train_loss": 1.2, "first_eval_loss": 2.0, "best_eval_loss": 1.5, "best_step": 40, "seconds": 95.25,
+        "train_seconds": 80.0, "tokens_per_s": 612.5, "peak_rss_mb": 1891.4, "provider": "cpu", "nodes_per_provider": None,
+        "data": {"path": "train.jsonl", "format": "chat", "num_lines": 400, "num_examples": 360, "num_truncated": 2,
+                 "num_without_labels": 0, "num_tokens": 52311, "num_label_tokens": 12000, "longest_example_tokens": 412,
+                 "fewer_examples_than_batch_size": False},
+        "notes": [],
+    }
+    record.update(changes)
+    return record
+
+
+def _report_text(tmp_path, summary_record: dict) -> str:
+    metrics_path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 500.0}, {"step": 2, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 700.0},
+               summary_record]
+    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return report.format_summary(report.summarize(report.read_metrics(metrics_path)))
+
+
+@pytest.mark.parametrize("changes, ended", [
+    ({}, "stopped by --stop-after at step 40 of 120; `ortft train ... --resume` continues from its checkpoint"),
+    ({"stopped_by": "SIGINT"}, "stopped by Ctrl-C (SIGINT) at step 40 of 120"),
+    ({"stopped_by": "SIGTERM"}, "stopped by SIGTERM at step 40 of 120"),
+    ({"finished": True, "stopped_by": None, "step": 120}, "ran to the end: step 120 of 120"),
+])
+def test_summary_is_in_words_without_python_reprs(tmp_path, changes, ended):
+    text = _report_text(tmp_path, _real_summary(**changes))
+    assert f"ended            {ended}" in text
+    for repr_text in ("None", "True", "False", "[]", "{", "}", "{'", "': "):
+        assert repr_text not in text, (repr_text, text)
+    assert "time             95.2 s in the training loop, 80.0 s of it in training steps" in text
+    assert "peak memory      1891 MB" in text and "provider         cpu" in text
+    lines = text.splitlines()
+    data = lines[lines.index("training data") + 1:]
+    assert data[:4] == ["  file: train.jsonl", "  format: chat", "  lines read: 400", "  examples trained on: 360"]
+    assert "  examples cut to --seq-len: 2" in data and "  tokens (without padding): 52,311" in data
+    assert "  fewer examples than --batch-size: no" in data
+    assert "notes            none" in text
+
+
+def test_each_tokens_per_s_figure_says_what_it_counts(tmp_path):
+    text = _report_text(tmp_path, _real_summary())
+    lines = text.splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("tokens/s"))
+    assert lines[first] == ("tokens/s         612.5 overall: 49,000 tokens in 80.0 s of training steps in the last "
+                            "`ortft train` (slow steps weigh by their time)")
+    assert lines[first + 1].strip() == "600.0 mean of the steps' own rates (each step's tokens / its time; every step counts the same)"
+    assert "padding excluded, prompts included" in lines[first + 2]
+    assert "evaluations and checkpoints excluded" in lines[first + 3]
+
+
+def test_notes_nodes_and_a_run_without_summary(tmp_path):
+    text = _report_text(tmp_path, _real_summary(notes=["only 3 training examples", "a second note"],
+                                                nodes_per_provider={"OpenVINOExecutionProvider": 900, "CPUExecutionProvider": 100}))
+    lines = text.splitlines()
+    assert lines[lines.index("notes") + 1:lines.index("notes") + 3] == ["  - only 3 training examples", "  - a second note"]
+    assert "graph nodes      OpenVINOExecutionProvider 900 of 1,000, CPUExecutionProvider 100 of 1,000" in text
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens_per_s": 500.0}) + "\n")
+    text = report.format_summary(report.summarize(report.read_metrics(unfinished / "metrics.jsonl")))
+    assert "ended            not recorded: the run is still going, or was killed before its end" in text
+
+
+def test_plot_is_titled_with_the_run_and_what_it_plots(tmp_path, monkeypatch):
+    run_dir = tmp_path / "experiments" / "run"
+    write_synthetic_metrics(run_dir)
+    titles = []
+    monkeypatch.setattr(report, "render_png", lambda log, title=None: titles.append(title) or b"png")
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["report", "experiments/run"]) == 0
+    monkeypatch.chdir(tmp_path / "experiments")
+    assert run_main(["report", "run"]) == 0
+    assert titles == ["experiments/run: loss and learning rate by step"] * 2
+    long_path = Path("/a/very/long/path/that/goes/on/and/on/and/on/and/on/for/ever/runs/chat-lora")
+    assert report.plot_title(long_path) == ".../ever/runs/chat-lora: loss and learning rate by step"

@@ -526,6 +526,24 @@ def test_batch_tokens_trains_on_length_grouped_batches_and_resumes(bundle, data,
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in training], rel=1e-6)
 
 
+def test_the_default_seq_len_fits_a_bundle_with_a_shorter_context(bundle, data, tmp_path):
+    """The tiny bundle takes at most 256 tokens a row: without --seq-len, train uses 256, not the default 512."""
+    assert json.loads((bundle / "manifest.json").read_text())["model"]["max_seq_len"] == 256
+    out = tmp_path / "run"
+    result = ok(run_ortft("train", bundle, "--data", data["train"], "--out", out, "--steps", "2", "--batch-size", "2",
+                          "--threads", "1"))
+    assert "note: --seq-len 256, the bundle's max_seq_len (the default 512 is longer)" in result.stderr
+    assert json.loads((out / runs.CONFIG_FILE).read_text())["seq_len"] == 256
+    resumed = ok(run_ortft("train", bundle, "--data", data["train"], "--out", out, "--steps", "3", "--resume"))
+    assert "note: --seq-len" not in resumed.stderr  # the run's recorded 256
+    yaml_config = tmp_path / "run.yaml"
+    yaml_config.write_text("seq_len: 32\nsteps: 1\nbatch_size: 2\n")
+    ok(run_ortft("train", bundle, "--config", yaml_config, "--data", data["train"], "--out", tmp_path / "from-yaml"))
+    assert json.loads((tmp_path / "from-yaml" / runs.CONFIG_FILE).read_text())["seq_len"] == 32
+    user_error(run_ortft("train", bundle, "--data", data["train"], "--out", tmp_path / "explicit", "--seq-len", "512"),
+               "--seq-len 512 exceeds the bundle's max_seq_len 256", "use at most 256")
+
+
 @pytest.mark.parametrize("args,message", [
     (("--steps", "0"), "--steps 0 must be at least 1"),
     (("--steps", "4", "--epochs", "1"), "not both"),

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import click
 
+from ..cli_paths import InputPath
 from ..export import EXPORT_KINDS
 from ..export_gguf import GGUF_TYPES
 
 
 @click.command("export")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=InputPath("pass the run folder `ortft train --out` wrote", file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="The export folder to create (onnx-adapter: or to add to).")
 @click.option("--checkpoint", default="latest", show_default=True,
               help="latest, best, or the path of a checkpoint folder (or its adapter.safetensors).")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from ..cli_paths import InputPath
+from ..default_seq_len import SEQ_LEN_DEFAULT_HELP, fitted_seq_len
 from ..schedule import SCHEDULES
 
 
@@ -18,11 +20,14 @@ def command() -> None:
 
 @command.command("local")
 @click.argument("bundle", type=click.Path())
-@click.option("--shard", "shards", multiple=True, required=True, type=click.Path(), help="One node's training data (JSONL); repeat, one SuperNode each.")
-@click.option("--valid", "valid", multiple=True, type=click.Path(), help="One node's validation data; repeat, one per --shard in the same order.")
+@click.option("--shard", "shards", multiple=True, required=True,
+              type=InputPath("pass a JSONL file of training examples for each node (docs/data.md)", dir_okay=False), help="One node's training data (JSONL); repeat, one SuperNode each.")
+@click.option("--valid", "valid", multiple=True,
+              type=InputPath("pass a JSONL file of validation examples for each node (docs/data.md)", dir_okay=False), help="One node's validation data; repeat, one per --shard in the same order.")
 @click.option("--valid-fraction", type=float, default=None, help="Hold out this fraction of each shard for validation instead.")
 @click.option("--out", required=True, type=click.Path(), help="The run folder (global adapter per round, metrics.jsonl, logs/).")
-@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Federated rounds: each sends the global adapter to the nodes, trains it there and combines the replies.")
 @click.option("--local-steps", type=int, default=20, show_default=True, help="Optimizer steps each node runs per round.")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum"]), default="fedavg",
               show_default=True, help="How the nodes' adapters are combined; fedmedian, trimmed-mean and krum (Flower's "
@@ -39,9 +44,9 @@ def command() -> None:
               help="Refuse a reply that claims more training examples (its weight in the mean).")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="The nodes' learning rate.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True, help="The nodes' schedule within a round.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Examples per batch on each node.")
+@click.option("--seq-len", type=int, default=None, help=f"The nodes' row length in tokens (longer examples are truncated).  {SEQ_LEN_DEFAULT_HELP}")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the nodes' data order (each round adds its number).")
 @click.option("--min-nodes", type=int, default=None, help="Nodes that must be connected before a round starts (default: every shard).")
 @click.option("--round-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the nodes' replies; late nodes are left out of the round.")
 @click.option("--keep", type=int, default=3, show_default=True, help="Round checkpoints to keep (the best is kept too).")
@@ -52,6 +57,8 @@ def local(bundle, shards, valid, valid_fraction, out, rounds, local_steps, strat
     """Run a federation on this machine: Flower's SuperLink and one SuperNode per --shard, on 127.0.0.1."""
     from ..federated.local import LocalSettings, run_local
 
+    if seq_len is None:
+        seq_len = fitted_seq_len(bundle)
     settings = LocalSettings(
         bundle=bundle, shards=list(shards), out=out, valid=list(valid) or None, valid_fraction=valid_fraction,
         threads=threads, min_nodes=min_nodes,
@@ -73,7 +80,7 @@ def local(bundle, shards, valid, valid_fraction, out, rounds, local_steps, strat
 
 
 @command.command("app")
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder", type=InputPath("name a folder to write the app into, not a file", exists=False, file_okay=False))
 def app(folder) -> None:
     """Write the Flower App folder (pyproject.toml) to ship with `flwr run FOLDER <superlink>`."""
     from ..federated.appdir import write_app

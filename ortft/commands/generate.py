@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from ..cli_paths import InputPath
 from ..generate import SamplingSettings
 from ..providers import provider_option
 
@@ -17,17 +18,24 @@ _defaults = SamplingSettings()
 
 
 @click.command("generate")
-@click.argument("model_dir", metavar="EXPORT_DIR_OR_RUN", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", metavar="EXPORT_DIR_OR_RUN", type=InputPath(
+    "pass an export folder (`ortft export --out`), a run folder (`ortft train --out`) or a bundle (`ortft prepare --out`)",
+    file_okay=False))
 @click.option("--prompt", default=None, help="The text to continue (with --chat: the user's message).")
-@click.option("--chat", is_flag=True, help="Use the chat template; without --prompt, read one message per line from stdin.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True)
+@click.option("--chat", is_flag=True,
+              help="Use the chat template; without --prompt, a conversation on stdin: one message per line (a line ending "
+                   "in \\ continues on the next), /reset starts anew, /exit or Ctrl-D leaves.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_defaults.max_new_tokens, show_default=True,
+              help="Stop after this many new tokens (or earlier, at an end-of-sequence token or the model's context).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=_defaults.temperature, show_default=True,
               help="0 picks the most likely token (greedy).")
 @click.option("--top-k", type=click.IntRange(min=0), default=_defaults.top_k, show_default=True, help="0 keeps every token.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=_defaults.top_p, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=_defaults.top_p, show_default=True,
+              help="Sample from the fewest most likely tokens whose probabilities add up to this; 1.0 keeps every token.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=_defaults.repetition_penalty,
-              show_default=True)
-@click.option("--seed", type=int, default=_defaults.seed, show_default=True)
+              show_default=True, help="Make tokens already in the text less likely (above 1.0) or more likely (below); "
+                                      "1.0 turns it off.")
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed of the sampler (temperature above 0).")
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
 @click.option("--adapter", default=None, metavar="NAME",
               help="For an onnx-adapter export: serve its adapter NAME (adapters/NAME.onnx_adapter); without it, the base model.")
@@ -72,18 +80,20 @@ def _print_stream(generator, pieces) -> str:
 
 
 def _interactive_chat(generator, settings: SamplingSettings) -> None:
-    """One user message per stdin line until EOF; the conversation so far is the context."""
+    """Messages from stdin until /exit or its end; the conversation so far is the context (/reset clears it)."""
+    from ..chat_input import CHAT_HELP, read_chat_input
+
     messages: list[dict] = []
-    interactive = sys.stdin.isatty()
+    prompt = (lambda text: click.echo(text, nl=False, err=True)) if sys.stdin.isatty() else None
+    click.echo(CHAT_HELP, err=True)
     while True:
-        if interactive:
-            click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        entry = read_chat_input(sys.stdin, prompt)
+        if entry.command == "exit":
             break
-        text = line.rstrip("\n")
-        if not text.strip():
+        if entry.command == "reset":
+            messages.clear()
+            click.echo("(a new conversation)", err=True)
             continue
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": entry.message})
         reply = _print_stream(generator, generator.stream_chat(messages, settings))
         messages.append({"role": "assistant", "content": reply})

@@ -10,19 +10,23 @@ from pathlib import Path
 
 import click
 
+from ..cli_paths import InputPath
 from ..predict import DEFAULT_BATCH_SIZE
 from ..providers import provider_option
 
 
 @click.command("predict")
-@click.argument("model_dir", metavar="RUN_OR_EXPORT", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
+@click.argument("model_dir", metavar="RUN_OR_EXPORT", type=InputPath(
+    "pass a seq-cls or token-cls run folder (`ortft train --out`) or its merged-onnx export (`ortft export --out`)",
+    file_okay=False))
+@click.option("--data", required=True, type=InputPath('pass a JSONL file, one {"text": ...} or {"tokens": [...]} per line',
+                                                      dir_okay=False),
               help='JSONL, one {"text": ...} or {"tokens": [...]} per line (other fields are copied to the output).')
-@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+@click.option("--out", "out_file", default=None, type=InputPath("name a file to write, not a folder", exists=False, dir_okay=False),
               help="Write the predictions (JSONL) to this file instead of stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True, help="Lines per batch.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Cut longer texts to this many tokens (default: the model's maximum).")
 @provider_option()

@@ -14,7 +14,9 @@ _defaults = PrepareConfig()
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="The bundle folder to create.")
 @click.option("--gguf-file", default=None, help="The .gguf file inside MODEL (when MODEL is a folder).")
-@click.option("--task", type=click.Choice(TASKS), default=_defaults.task, show_default=True)
+@click.option("--task", type=click.Choice(TASKS), default=_defaults.task, show_default=True,
+              help="causal-lm: next-token prediction (text, instructions, chat); seq-cls: one label per text; "
+                   "token-cls: one tag per word (named entities).")
 @click.option("--num-labels", type=int, default=None, help="Number of classes (seq-cls) or tags (token-cls).")
 @click.option("--labels", "label_names", default=None,
               help="Comma-separated class names: seq-cls e.g. negative,positive; token-cls IOB2 tags, e.g. O,B-PER,I-PER,B-LOC,I-LOC.")
@@ -27,7 +29,8 @@ _defaults = PrepareConfig()
 @click.option("--dora", is_flag=True, help="Weight-decomposed LoRA (DoRA): trains a magnitude vector too.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
 @click.option("--adapter", type=click.Path(), default=None, help="Start from an existing PEFT LoRA adapter folder.")
-@click.option("--max-seq-len", type=int, default=_defaults.max_seq_len, show_default=True)
+@click.option("--max-seq-len", type=int, default=_defaults.max_seq_len, show_default=True,
+              help="The longest row, in tokens, the bundle trains on (cut to the model's context length).")
 @click.option("--weight-decay", type=float, default=_defaults.weight_decay, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=float, default=_defaults.max_grad_norm, show_default=True,
               help="Clip the adapters' gradient norm (0 turns clipping off).")

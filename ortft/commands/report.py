@@ -9,13 +9,15 @@ from pathlib import Path
 
 import click
 
+from ..cli_paths import InputPath
+
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     "out_png",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=InputPath("name the PNG file to write, not a folder", exists=False, dir_okay=False, path_type=Path),
     default=None,
     help="Where to write the plot [default: RUN_DIR/loss_curve.png].",
 )
@@ -27,5 +29,5 @@ def command(run_dir: Path, out_png: Path | None) -> None:
     log = read_metrics(metrics_path)
     click.echo(format_summary(summarize(log), metrics_path))
     target = out_png if out_png is not None else metrics_path.parent / DEFAULT_PLOT_NAME
-    written = write_plot(log, target)
+    written = write_plot(log, target, run_path=run_dir)
     click.echo(f"plot             {written}")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..cli_paths import InputPath
 from ..config import TrainConfig
+from ..default_seq_len import SEQ_LEN_DEFAULT_HELP, fitted_seq_len
 from ..errors import ConfigError
 from ..schedule import SCHEDULES
 
@@ -62,6 +64,7 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
     """Defaults < the run's recorded settings (with --resume) < --config file < flags given on the command line.
 
     So `ortft train BUNDLE --out RUN --data D --resume` continues with the settings the run began with.
+    `seq_len` stays None when no source gives one (the command then fits the default to the bundle).
     """
     from_file = load_yaml_config(values["config"]) if values.get("config") else {}
     given = {name for name in values if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
@@ -86,17 +89,19 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 
 @click.command("train")
 @click.argument("bundle", type=click.Path())
-@click.option("--data", default=None, help="Training data (JSONL).")
-@click.option("--out", default=None, help="The run folder (checkpoints, metrics, adapter).")
-@click.option("--valid", default=None, help="Validation data (JSONL).")
+@click.option("--data", default=None, type=InputPath("pass a JSONL file of training examples (docs/data.md)", dir_okay=False), help="Training data (JSONL).  [required, or data: in --config]")
+@click.option("--out", default=None, help="The run folder (checkpoints, metrics, adapter).  [required, or out: in --config]")
+@click.option("--valid", default=None, type=InputPath("pass a JSONL file of validation examples (docs/data.md)", dir_okay=False),
+              help="Validation data (JSONL).")
 @click.option("--valid-fraction", type=float, default=None, help="Hold out this fraction of --data for validation.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps to train (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs to train instead of --steps.")
-@click.option("--batch-size", type=int, default=_defaults.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=_defaults.batch_size, show_default=True, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=int, default=_defaults.grad_accum, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seq-len", type=int, default=_defaults.seq_len, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--seq-len", type=int, default=None, help=f"Truncate examples to this many tokens.  {SEQ_LEN_DEFAULT_HELP}")
 @click.option("--lr", type=float, default=_defaults.lr, show_default=True, help="Peak learning rate.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=_defaults.schedule, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_defaults.schedule, show_default=True,
+              help="The learning rate after the warm-up: cosine or linear decay to 0, or constant.")
 @click.option("--warmup", type=int, default=_defaults.warmup, show_default=True, help="Linear warm-up steps.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="Learn only completions / assistant turns (default: on for those formats).")
 @click.option("--pack", is_flag=True, default=False, help="Pack several examples into each row (see docs/data.md).")
@@ -106,14 +111,19 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--max-example-chars", type=click.IntRange(min=1), default=None,
               help="Characters of an example read before tokenizing; longer ones are cut and counted as truncated, and a "
                    "JSONL line may hold 6 bytes per character plus 64 KiB.  [default: 64 x --seq-len]")
-@click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True)
+@click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True,
+              help="Evaluate on the validation data every N steps and at the last one; a new best eval loss is saved "
+                   "as a checkpoint (best.json names it).")
 @click.option("--max-eval-batches", type=int, default=None, help="Evaluate on at most this many batches.")
-@click.option("--save-every", type=int, default=_defaults.save_every, show_default=True)
+@click.option("--save-every", type=int, default=_defaults.save_every, show_default=True,
+              help="Save a checkpoint every N steps, at the last step and when stopped (--resume continues from it).")
 @click.option("--keep", type=int, default=_defaults.keep, show_default=True, help="Checkpoints to keep (the best is kept too).")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out, with the run's recorded settings (flags override).")
 @click.option("--stop-after", type=int, default=None, help="Stop (and save) after this step, as if interrupted; --resume continues.")
-@click.option("--init-adapter", default=None, type=click.Path(), help="Start from these adapter weights (adapter.safetensors of a run or an `export --format adapter`).")
-@click.option("--seed", type=int, default=_defaults.seed, show_default=True)
+@click.option("--init-adapter", default=None, type=InputPath(
+    "pass the adapter.safetensors of a run or of `ortft export --format adapter`", dir_okay=False), help="Start from these adapter weights (adapter.safetensors of a run or an `export --format adapter`).")
+@click.option("--seed", type=int, default=_defaults.seed, show_default=True,
+              help="Seed of the data order (shuffling, --valid-fraction's split) and of ORT's random numbers (LoRA dropout).")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
 @click.option("--provider", default=_defaults.provider, show_default=True, help="Execution provider: auto (the best installed), cpu, cuda, openvino, ... "
               "NAME[:key=value,...]; nodes it cannot run go to the CPU (docs/providers.md).")
@@ -126,6 +136,11 @@ def command(ctx, bundle, **values):
 
     config = build_config(ctx, values)
     config.bundle = bundle
+    if config.seq_len is None:  # given nowhere: the default, or the bundle's max_seq_len if that is smaller
+        config.seq_len = fitted_seq_len(bundle)
+        if config.seq_len < _defaults.seq_len:
+            click.echo(f"note: --seq-len {config.seq_len}, the bundle's max_seq_len (the default {_defaults.seq_len} "
+                       "is longer)", err=True)
     summary = train(config)
     best = summary["best_eval_loss"]
     first = summary["first_eval_loss"]
@@ -134,7 +149,8 @@ def command(ctx, bundle, **values):
         f"train loss {summary['final_train_loss']:.4f}"
         + (f", eval loss {first:.4f} -> best {best:.4f} (step {summary['best_step']})" if best is not None and first is not None else "")
         + (f", best eval loss {best:.4f}" if best is not None and first is None else "")
-        + f"; {summary['tokens_per_s']:.0f} tokens/s, {summary['train_seconds']:.1f} s training, peak RSS {summary['peak_rss_mb']:.0f} MB",
+        + f"; {summary['tokens_per_s']:.0f} tokens/s over {summary['train_seconds']:.1f} s of training steps, "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB",
         err=True,
     )
     if not summary["finished"]:

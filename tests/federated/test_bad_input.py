@@ -51,6 +51,26 @@ def test_other_bundle_and_bad_shards_fail_only_their_nodes(tmp_path_factory, tin
 
 
 def test_cli_refuses_mismatched_valid_lists(tmp_path):
-    result = run_ortft("federate", "local", tmp_path, "--shard", "a.jsonl", "--shard", "b.jsonl", "--valid", "v.jsonl",
-                       "--out", tmp_path / "run", *FAST_FED)
+    for name in ("a.jsonl", "b.jsonl", "v.jsonl"):  # files that exist: --shard and --valid must name existing files
+        (tmp_path / name).write_text('{"text": "hello"}\n', encoding="utf-8")
+    result = run_ortft("federate", "local", tmp_path, "--shard", tmp_path / "a.jsonl", "--shard", tmp_path / "b.jsonl",
+                       "--valid", tmp_path / "v.jsonl", "--out", tmp_path / "run", *FAST_FED)
     assert result.returncode == 2 and "one --valid per --shard" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_missing_shard_and_fits_the_default_seq_len_to_the_bundle(tmp_path_factory, tiny_llama, monkeypatch, capsys):
+    from ortft.cli import main
+    from ortft.federated import local
+
+    bundle = tiny_bundle(tmp_path_factory, tiny_llama, "llama-fed")  # max_seq_len 256
+    shard = tmp_path_factory.mktemp("fed-cli") / "a.jsonl"
+    shard.write_text('{"text": "hello"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["federate", "local", str(bundle), "--shard", str(shard.parent / "missing.jsonl"), "--out", str(shard.parent / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --shard " + str(shard.parent / "missing.jsonl") + " does not exist")
+    seen = []
+    monkeypatch.setattr(local, "run_local", lambda settings, echo: seen.append(settings) or {"round": 0})
+    main(["federate", "local", str(bundle), "--shard", str(shard), "--out", str(shard.parent / "run")])
+    main(["federate", "local", str(bundle), "--shard", str(shard), "--out", str(shard.parent / "run"), "--seq-len", "64"])
+    assert [settings.run_config["seq-len"] for settings in seen] == [256, 64]
