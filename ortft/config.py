@@ -1,15 +1,23 @@
 """Dataclasses that are the single source of defaults for every command's settings.
 
 The CLI builds one of these from its options (and, for training, a YAML file); the library
-functions take them. Defaults live here and nowhere else.
+functions take them. Defaults live here and nowhere else: each command's click options take their
+defaults from its dataclass (tests/test_config.py checks every command), and the library functions'
+keyword defaults name the constants below.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 TASKS = ("causal-lm", "seq-cls", "token-cls")
+DEFAULT_SEQ_LEN = 512  # tokens per training or evaluation row unless --seq-len says otherwise
+DEFAULT_LR = 2e-4  # peak learning rate of the adapters (train, the federated nodes, prepare's recorded hint)
+INT4_BLOCK_SIZE = 32  # int4 weights per scale block along a layer's input dimension (prepare and export)
+LATEST_CHECKPOINT = "latest"  # --checkpoint: the newest intact checkpoint of a run
+BEST_CHECKPOINT = "best"  # --checkpoint: the checkpoint with the lowest validation loss
+FEDERATED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
 # Fewest rows per loss slice of a float32 bundle. Quantized bundles keep even slices (1): there memory
 # comes first (SmolLM2 int4 at 1 x 128: 700 MB peak RSS with even slices, 822 MB with 256-row ones, 10% faster).
 FLOAT_LOSS_CHUNK_ROWS = 256
@@ -40,10 +48,10 @@ class PrepareConfig:
     max_seq_len: int = 2048
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    learning_rate_hint: float = 2e-4
+    learning_rate_hint: float = DEFAULT_LR
     opset: int = 17
     quantize: str | None = None  # None (float32), "int8" or "int4": store frozen base weights quantized (QLoRA-style)
-    block_size: int = 32  # int4: values per scale block along each weight's input dimension
+    block_size: int = INT4_BLOCK_SIZE  # int4: values per scale block along each weight's input dimension
     quantize_symmetric: bool = True  # int4: symmetric (no zero point) or asymmetric (uint4 zero point per block)
     quantize_all_linear: bool = False  # quantize every frozen linear layer, not only the adapted ones
     quantize_embeddings: bool = False  # quantize the embedding table and the LM head too
@@ -84,8 +92,8 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    seq_len: int = 512
-    lr: float = 2e-4
+    seq_len: int = DEFAULT_SEQ_LEN
+    lr: float = DEFAULT_LR
     schedule: str = "cosine"
     warmup: int = 10
     mask_prompt: bool | None = None  # None: on for prompt/completion and chat data
@@ -106,6 +114,117 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `ortft eval`: a bundle or a run's checkpoint on JSONL data."""
+
+    bundle_or_run: str = ""
+    data: str = ""
+    batch_size: int = 4
+    seq_len: int | None = None  # None: the run's own setting, DEFAULT_SEQ_LEN for a bundle
+    max_example_chars: int | None = None
+    checkpoint: str = LATEST_CHECKPOINT
+    mask_prompt: bool | None = None
+    threads: int | None = None
+    max_batches: int | None = None
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `ortft export`: which checkpoint of a run, in which format, where."""
+
+    run_dir: str = ""
+    out_dir: str = ""
+    checkpoint: str = LATEST_CHECKPOINT
+    format: str = "merged-onnx"
+    quantize: str | None = None
+    block_size: int | None = None  # int4: None means INT4_BLOCK_SIZE
+    adapter_name: str | None = None
+    gguf_type: str | None = None
+    force: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of `ortft generate` besides the sampling (SamplingSettings)."""
+
+    model_dir: str = ""
+    prompt: str | None = None
+    chat: bool = False
+    checkpoint: str = LATEST_CHECKPOINT
+    adapter: str | None = None
+    provider: str = "cpu"
+    threads: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class PredictConfig:
+    """Settings of `ortft predict`: labels or entities from a seq-cls or token-cls run or export."""
+
+    model_dir: str = ""
+    data: str = ""
+    out_file: str | None = None
+    force: bool = False
+    checkpoint: str = LATEST_CHECKPOINT
+    batch_size: int = 8
+    seq_len: int | None = None  # None: the model's max_seq_len
+    provider: str = "cpu"
+    threads: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class FederationConfig:
+    """Settings of a federation: the ServerApp's run configuration (keys with dashes, `flwr run --run-config`),
+    `ortft federate local`'s options and the nodes' local training settings."""
+
+    bundle: str = ""
+    out: str = ""
+    rounds: int = 3
+    strategy: str = "fedavg"
+    local_steps: int = 20
+    lr: float = DEFAULT_LR
+    batch_size: int = 4
+    seq_len: int = DEFAULT_SEQ_LEN
+    schedule: str = "constant"
+    warmup: int = 0
+    seed: int = 0
+    min_nodes: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 3600.0  # seconds; long enough for a slow device's round, a dead node is noticed sooner
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trim_beta: float = 0.2
+    krum_malicious_nodes: int = 0
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    max_update_norm: float = 0.0
+    max_examples: int = 10_000_000
+    resume: bool = False
+    keep: int = 3
+
+    @classmethod
+    def run_config_defaults(cls) -> dict:
+        """The defaults as a Flower run configuration: run-config key (dashes) -> value."""
+        return {name.replace("_", "-"): value for name, value in asdict(cls()).items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_of(config_class: type, name: str):
+    """The default of field `name` of a config dataclass (what a click option shows and uses)."""
+    for item in fields(config_class):
+        if item.name == name:
+            if item.default is not MISSING:
+                return item.default
+            if item.default_factory is not MISSING:
+                return item.default_factory()
+            break
+    raise KeyError(f"{config_class.__name__} has no field {name!r} with a default")
 
 
 def as_path(value: str | Path | None) -> Path | None:

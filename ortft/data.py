@@ -10,7 +10,7 @@ Formats (one JSON object per line; see docs/data.md):
     {"text": ..., "entities": [{"start", "end", "label"}]}  token-cls, entities as character spans
 
 Use from the training loop:
-    config = DataConfig(seq_len=512, batch_size=4, seed=0)      # or DataConfig.from_train_config(cfg)
+    config = DataConfig(seq_len=256, batch_size=4, seed=0)      # or DataConfig.from_train_config(cfg)
     train = load_dataset(path, tokenizer, config)               # raises DataError for bad data
     train, valid = split_validation(train, fraction=0.1, seed=0)
     batches = BatchIterator(train, config)

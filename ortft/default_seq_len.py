@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TrainConfig
-
-DEFAULT_SEQ_LEN = TrainConfig().seq_len
+from .config import DEFAULT_SEQ_LEN
 
 # The help text of a --seq-len option whose default follows the bundle.
 SEQ_LEN_DEFAULT_HELP = f"[default: {DEFAULT_SEQ_LEN}, or the bundle's max_seq_len if smaller]"

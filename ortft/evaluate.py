@@ -6,21 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import run as runs
+from .config import DEFAULT_SEQ_LEN, EvalConfig, default_of
 from .data import DataConfig, load_dataset
 from .threads import default_threads
 from .train import evaluate
 from .validate import require_valid
 
 
-DEFAULT_SEQ_LEN = 512
 
-
-def evaluate_path(target: Path | str, data: Path | str, batch_size: int = 4, seq_len: int | None = None,
-                  checkpoint: str = "latest", threads: int | None = None, mask_prompt: bool | None = None,
+def evaluate_path(target: Path | str, data: Path | str, batch_size: int = default_of(EvalConfig, "batch_size"), seq_len: int | None = None,
+                  checkpoint: str = default_of(EvalConfig, "checkpoint"), threads: int | None = None, mask_prompt: bool | None = None,
                   max_batches: int | None = None, max_example_chars: int | None = None) -> dict:
     """Evaluate a bundle (its initial adapters) or a run (its `checkpoint`) on `data`.
 
-    `seq_len` defaults to the run's own training setting (512 for a bundle).
+    `seq_len` defaults to the run's own training setting (DEFAULT_SEQ_LEN for a bundle).
     """
     from .runtime import TrainingSession
     from .tokenizer import load_tokenizer

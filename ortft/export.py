@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import run as runs
+from .config import BEST_CHECKPOINT, LATEST_CHECKPOINT, ExportConfig, default_of
 from .errors import BundleError, ConfigError, RunError
 from .export_files import generation_config, write_serving_files  # noqa: F401  (generation_config: part of the API)
 from .export_manifest import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, write_export_manifest  # noqa: F401  (part of the API)
@@ -57,7 +58,7 @@ class RunCheckpoint:
     adapter_path: Path
 
 
-def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = "latest") -> RunCheckpoint:
+def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = LATEST_CHECKPOINT) -> RunCheckpoint:
     """Read RUN_DIR/run.json and pick a checkpoint: `latest`, `best` or a path (folder or .safetensors).
 
     The bundle named in run.json must still have the manifest the run was trained on.
@@ -89,7 +90,7 @@ def _read_run_json(run_dir: Path) -> dict:
 
 def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Path]:
     """A checkpoint folder (verified against its recorded hashes) and its adapter; or a bare adapter file."""
-    if checkpoint not in ("latest", "best"):
+    if checkpoint not in (LATEST_CHECKPOINT, BEST_CHECKPOINT):
         path = Path(checkpoint)
         candidate = path if path.is_absolute() or path.exists() else run_dir / path
         if candidate.is_file():
@@ -191,7 +192,7 @@ def export_adapter(manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path
         return write_export_manifest(staging, "adapter", None, manifest, source, extra=extra)
 
 
-def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = "latest", kind: str = "merged-onnx", force: bool = False,
+def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = LATEST_CHECKPOINT, kind: str = default_of(ExportConfig, "format"), force: bool = False,
                quantize: str | None = None, block_size: int | None = None, adapter_name: str | None = None,
                gguf_type: str | None = None) -> dict:
     """`ortft export`: pick the run's checkpoint, check it against the bundle, write one export kind.

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import INT4_BLOCK_SIZE
 from .errors import BundleError, ConfigError
 
 SCHEMES = ("int8", "int4")
-DEFAULT_BLOCK_SIZE = 32
 MATMULNBITS_ACCURACY_LEVEL = 1  # float32 activations (0 = unset also means float32 in ORT 1.19's CPU kernel)
 MS_DOMAIN = "com.microsoft"
 NODE_PREFIX = "ortft_q/"
@@ -49,9 +49,9 @@ def check_quantize_options(scheme: str | None, block_size: int | None) -> int | 
         if block_size is not None:
             raise ConfigError("--block-size applies to --quantize int4 only (int8 has one scale per output channel)", hint="drop --block-size")
         return None
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
+    block_size = INT4_BLOCK_SIZE if block_size is None else int(block_size)
     if block_size < 16 or block_size & (block_size - 1):
-        raise ConfigError(f"--block-size {block_size} is not a power of two of at least 16 (MatMulNBits needs one)", hint="use 32 (the default), 64 or 128")
+        raise ConfigError(f"--block-size {block_size} is not a power of two of at least 16 (MatMulNBits needs one)", hint=f"use {INT4_BLOCK_SIZE} (the default), 64 or 128")
     return block_size
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import SamplingSettings  # noqa: F401  (defaults live in ortft.config)
+from .config import LATEST_CHECKPOINT, SamplingSettings  # noqa: F401  (defaults live in ortft.config)
 from .errors import BundleError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ class Generator:
             yield text[len(printed):]
 
 
-def open_generator(path: Path | str, checkpoint: str = "latest", provider="cpu", threads: int | None = None, verbose: bool = False,
+def open_generator(path: Path | str, checkpoint: str = LATEST_CHECKPOINT, provider="cpu", threads: int | None = None, verbose: bool = False,
                    adapter: str | None = None) -> Generator:
     """A Generator for an export folder, a bundle, or a run folder (merged into a temporary folder first).
 

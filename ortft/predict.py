@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import InputLimits
+from .config import DEFAULT_SEQ_LEN, LATEST_CHECKPOINT, InputLimits, PredictConfig, default_of
 from .data import read_jsonl
 from .data_ner import WordText, cut_words, first_subtokens, unlabelled_words
 from .errors import BundleError, ConfigError, DataError
@@ -33,7 +33,6 @@ from .iob2 import OUTSIDE, strict_entities
 
 CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
 GOLD_FIELDS = ("label", "score", "tags", "entities", "truncated")
-DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass
@@ -71,7 +70,7 @@ class Classifier:
             raise BundleError(f"{self.folder} is a {manifest.get('kind')} export, without a model to run",
                               hint="export the run with --format merged-onnx, or pass the run folder")
         self.labels = list(manifest.get("labels") or [])
-        self.max_seq_len = int((manifest.get("model") or {}).get("max_seq_len") or 512)
+        self.max_seq_len = int((manifest.get("model") or {}).get("max_seq_len") or DEFAULT_SEQ_LEN)
         self.session = inference_session(self.folder / "model.onnx", provider, threads, verbose)
         self.tokenizer = load_tokenizer(self.folder / ((manifest.get("tokenizer") or {}).get("dir") or "."))
         pad = self.tokenizer.pad_token_id
@@ -88,7 +87,7 @@ class Classifier:
         return self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
-def open_classifier(path: Path | str, checkpoint: str = "latest", provider="cpu", threads: int | None = None,
+def open_classifier(path: Path | str, checkpoint: str = LATEST_CHECKPOINT, provider="cpu", threads: int | None = None,
                     verbose: bool = False) -> Classifier:
     """A Classifier for an export folder, or for a run folder merged into a temporary folder first."""
     from . import run as runs
@@ -158,7 +157,7 @@ def _output(classifier: Classifier, line: _Line, logits: np.ndarray) -> dict:
     return result
 
 
-def predict_records(classifier: Classifier, path: Path | str, batch_size: int = DEFAULT_BATCH_SIZE,
+def predict_records(classifier: Classifier, path: Path | str, batch_size: int = default_of(PredictConfig, "batch_size"),
                     seq_len: int | None = None, stats: PredictionStats | None = None) -> Iterator[dict]:
     """One output object per line of the JSONL file `path`, in order. Bad lines raise DataError (file, line)."""
     if batch_size < 1:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import INT4_BLOCK_SIZE
+
 SCHEMES = ("int8", "int4")
 
 
@@ -90,7 +92,7 @@ def quantize_int8(weight: np.ndarray, axis: int) -> QuantizedWeight:
     return QuantizedWeight("int8", q, scale, None, axis, None, tuple(weight.shape))
 
 
-def quantize_int4(weight: np.ndarray, axis: int, block_size: int = 32, symmetric: bool = True) -> QuantizedWeight:
+def quantize_int4(weight: np.ndarray, axis: int, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True) -> QuantizedWeight:
     """int4 round-to-nearest in blocks of `block_size` along `axis`; returns unpacked values."""
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
@@ -117,7 +119,7 @@ def quantize_int4(weight: np.ndarray, axis: int, block_size: int = 32, symmetric
                            tuple(weight.shape))
 
 
-def quantize(weight: np.ndarray, scheme: str, axis: int, block_size: int = 32, symmetric: bool = True) -> QuantizedWeight:
+def quantize(weight: np.ndarray, scheme: str, axis: int, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True) -> QuantizedWeight:
     """Quantize a 2-D weight whose input (reduction) dimension is `axis`."""
     if scheme == "int8":
         return quantize_int8(weight, axis)

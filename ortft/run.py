@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import LATEST_CHECKPOINT
 from .errors import RunError
 from .fsutil import TEMP_PREFIX, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 
@@ -227,11 +228,11 @@ def is_run_dir(path: Path | str) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
-def resolve_checkpoint(run_dir: Path | str, which: str = "latest") -> Path:
+def resolve_checkpoint(run_dir: Path | str, which: str = LATEST_CHECKPOINT) -> Path:
     """`latest`, `best`, or a path: the checkpoint folder to use, verified intact."""
     run_dir = Path(run_dir)
     read_run(run_dir)
-    if which == "latest":
+    if which == LATEST_CHECKPOINT:
         folder = newest_valid_checkpoint(run_dir)
         if folder is None:
             raise RunError(f"run {run_dir} has no checkpoint to use (none saved yet, or every one damaged)", hint="train longer (checkpoints come every --save-every steps and at the end)")

@@ -8,18 +8,21 @@ from pathlib import Path
 import click
 
 from ..cli_paths import InputPath
+from ..config import DEFAULT_SEQ_LEN, EvalConfig
+
+_defaults = EvalConfig()
 
 
 @click.command("eval")
 @click.argument("bundle_or_run", type=click.Path())
 @click.option("--data", required=True, type=InputPath("pass a JSONL file of examples (docs/data.md)", dir_okay=False),
               help="Evaluation data (JSONL).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Examples per batch.")
-@click.option("--seq-len", type=int, default=None, help="Truncate examples to this many tokens (default: the run's setting; for a bundle 512, or its "
-                   "max_seq_len if smaller).")
+@click.option("--batch-size", type=int, default=_defaults.batch_size, show_default=True, help="Examples per batch.")
+@click.option("--seq-len", type=int, default=_defaults.seq_len, help="Truncate examples to this many tokens (default: the run's setting; for a bundle "
+                   f"{DEFAULT_SEQ_LEN}, or its max_seq_len if smaller).")
 @click.option("--max-example-chars", type=click.IntRange(min=1), default=None,
               help="Characters of an example read before tokenizing (as in training).  [default: 64 x --seq-len]")
-@click.option("--checkpoint", default="latest", show_default=True, help="For a run: latest, best, or a checkpoint folder.")
+@click.option("--checkpoint", default=_defaults.checkpoint, show_default=True, help="For a run: latest, best, or a checkpoint folder.")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="As in training (default: on for prompt/chat data).")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores).")
 @click.option("--json", "as_json", is_flag=True,

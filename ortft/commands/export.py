@@ -10,16 +10,19 @@ from __future__ import annotations
 import click
 
 from ..cli_paths import InputPath
+from ..config import INT4_BLOCK_SIZE, ExportConfig
 from ..export import EXPORT_KINDS
 from ..export_gguf import GGUF_TYPES
+
+_defaults = ExportConfig()
 
 
 @click.command("export")
 @click.argument("run_dir", type=InputPath("pass the run folder `ortft train --out` wrote", file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="The export folder to create (onnx-adapter: or to add to).")
-@click.option("--checkpoint", default="latest", show_default=True,
+@click.option("--checkpoint", default=_defaults.checkpoint, show_default=True,
               help="latest, best, or the path of a checkpoint folder (or its adapter.safetensors).")
-@click.option("--format", "export_format", type=click.Choice(EXPORT_KINDS), default="merged-onnx", show_default=True,
+@click.option("--format", "export_format", type=click.Choice(EXPORT_KINDS), default=_defaults.format, show_default=True,
               help="merged-onnx: base + adapter folded into one ONNX model with KV cache, config.json, tokenizer and "
                    "genai_config.json (Optimum, onnxruntime-genai, lm-eval load it); onnx-adapter: the base model with "
                    "the adapter as inputs plus adapters/NAME.onnx_adapter (export more runs into the same folder); "
@@ -27,13 +30,14 @@ from ..export_gguf import GGUF_TYPES
                    "peft: a folder PeftModel.from_pretrained loads; adapter: the adapter weights under their graph names. "
                    "A seq-cls or token-cls run exports as merged-onnx (the classifier, head included: ortft predict), "
                    "peft or adapter.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=_defaults.quantize,
               help="merged-onnx only: store the merged linear weights quantized: int8 (per output channel, "
                    "DequantizeLinear) or int4 (blocked, com.microsoft MatMulNBits). Embeddings stay float32.")
-@click.option("--block-size", type=int, default=None, help="int4 block size along the input dimension (power of two >= 16)  [default: 32]")
-@click.option("--adapter-name", default=None,
+@click.option("--block-size", type=int, default=_defaults.block_size,
+              help=f"int4 block size along the input dimension (power of two >= 16)  [default: {INT4_BLOCK_SIZE}]")
+@click.option("--adapter-name", default=_defaults.adapter_name,
               help="onnx-adapter only: the adapter's name (adapters/NAME.onnx_adapter).  [default: the run folder's name]")
-@click.option("--gguf-type", type=click.Choice(GGUF_TYPES), default=None,
+@click.option("--gguf-type", type=click.Choice(GGUF_TYPES), default=_defaults.gguf_type,
               help="gguf only: the weights' type (norms stay f32).  [default: f16]")
 @click.option("--force", is_flag=True, help="Replace an existing export folder (onnx-adapter: an adapter of that name in a "
               "folder of the same bundle; any other folder is replaced whole).")

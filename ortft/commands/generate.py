@@ -11,10 +11,11 @@ import sys
 import click
 
 from ..cli_paths import InputPath
-from ..generate import SamplingSettings
+from ..config import GenerateConfig, SamplingSettings
 from ..providers import provider_option
 
 _defaults = SamplingSettings()
+_settings = GenerateConfig()
 
 
 @click.command("generate")
@@ -36,10 +37,10 @@ _defaults = SamplingSettings()
               show_default=True, help="Make tokens already in the text less likely (above 1.0) or more likely (below); "
                                       "1.0 turns it off.")
 @click.option("--seed", type=int, default=_defaults.seed, show_default=True, help="Seed of the sampler (temperature above 0).")
-@click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
+@click.option("--checkpoint", default=_settings.checkpoint, show_default=True, help="For a run folder: latest, best or a path.")
 @click.option("--adapter", default=None, metavar="NAME",
               help="For an onnx-adapter export: serve its adapter NAME (adapters/NAME.onnx_adapter); without it, the base model.")
-@provider_option()
+@provider_option(_settings.provider)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Compute threads (default: physical cores).")
 @click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
 def command(model_dir, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, checkpoint,

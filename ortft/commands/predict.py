@@ -11,8 +11,10 @@ from pathlib import Path
 import click
 
 from ..cli_paths import InputPath
-from ..predict import DEFAULT_BATCH_SIZE
+from ..config import PredictConfig
 from ..providers import provider_option
+
+_defaults = PredictConfig()
 
 
 @click.command("predict")
@@ -25,11 +27,11 @@ from ..providers import provider_option
 @click.option("--out", "out_file", default=None, type=InputPath("name a file to write, not a folder", exists=False, dir_okay=False),
               help="Write the predictions (JSONL) to this file instead of stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
-@click.option("--checkpoint", default="latest", show_default=True, help="For a run folder: latest, best or a path.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True, help="Lines per batch.")
+@click.option("--checkpoint", default=_defaults.checkpoint, show_default=True, help="For a run folder: latest, best or a path.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_defaults.batch_size, show_default=True, help="Lines per batch.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Cut longer texts to this many tokens (default: the model's maximum).")
-@provider_option()
+@provider_option(_defaults.provider)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Compute threads (default: physical cores).")
 @click.option("--verbose", is_flag=True, help="Show ONNX Runtime's logs.")
 def command(model_dir, data, out_file, force, checkpoint, batch_size, seq_len, provider, threads, verbose) -> None:

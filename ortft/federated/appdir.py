@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from .. import __version__
+from ..config import FederationConfig
 from ..fsutil import write_text_atomic
 from . import FLOWER_REQUIREMENT
-from .server_settings import DEFAULTS
 
 APP_NAME = "ortft-federated"
 PUBLISHER = "ortft"
@@ -33,7 +33,7 @@ def toml_table(values: dict) -> str:
 
 
 def app_pyproject(defaults: dict | None = None) -> str:
-    config = dict(DEFAULTS)
+    config = FederationConfig.run_config_defaults()
     config.update(defaults or {})
     return (
         "# A Flower App whose ServerApp and ClientApp live in the installed `ortft` package.\n"

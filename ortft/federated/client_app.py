@@ -115,18 +115,26 @@ def global_adapter_of(msg: Message, manifest: dict) -> dict[str, np.ndarray]:
     return adapter
 
 
+def _setting(config: ConfigRecord, name: str):
+    """A federation setting from the server's request (run-config key with dashes), else FederationConfig's default."""
+    from ..config import FederationConfig, default_of
+
+    default = default_of(FederationConfig, name)
+    return type(default)(config.get(name.replace("_", "-"), default))
+
+
 def _train_config(settings: NodeSettings, config: ConfigRecord, out: Path, init_adapter: Path):
     from ..config import TrainConfig
 
-    steps = settings.local_steps or int(config.get("local-steps", 20))
+    steps = settings.local_steps or _setting(config, "local_steps")
     rnd = int(config.get("server-round", 1))
     return TrainConfig(
         bundle=str(settings.bundle), data=settings.data, out=str(out),
         valid=None, valid_fraction=settings.valid_fraction,
-        steps=steps, batch_size=int(config.get("batch-size", 4)), seq_len=int(config.get("seq-len", 512)),
-        lr=float(config.get("lr", 2e-4)), schedule=str(config.get("schedule", "constant")), warmup=int(config.get("warmup", 0)),
+        steps=steps, batch_size=_setting(config, "batch_size"), seq_len=_setting(config, "seq_len"),
+        lr=_setting(config, "lr"), schedule=_setting(config, "schedule"), warmup=_setting(config, "warmup"),
         eval_every=10**9, save_every=10**9, keep=1, max_eval_batches=1,
-        seed=int(config.get("seed", 0)) + rnd, threads=settings.threads, init_adapter=str(init_adapter),
+        seed=_setting(config, "seed") + rnd, threads=settings.threads, init_adapter=str(init_adapter),
     )
 
 
@@ -200,7 +208,7 @@ def _eval_setup(settings: NodeSettings, config: ConfigRecord):
     from ..validate import require_valid
 
     key = (str(settings.bundle), settings.data, settings.valid, settings.valid_fraction,
-           int(config.get("batch-size", 4)), int(config.get("seq-len", 512)), int(config.get("seed", 0)))
+           _setting(config, "batch_size"), _setting(config, "seq_len"), _setting(config, "seed"))
     if key not in _eval_cache:
         manifest = require_valid(settings.bundle)
         tokenizer = load_tokenizer(settings.bundle / manifest["tokenizer"]["dir"])

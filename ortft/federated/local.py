@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import FederationConfig, default_of
 from ..errors import ConfigError, RunError
 from ..fsutil import write_text_atomic
 from .appdir import toml_table, write_app
@@ -226,7 +227,7 @@ class LocalSettings:
     node_bundles: list[str] | None = None  # per shard; default: the server's bundle
     threads: int | None = None
     min_nodes: int | None = None  # default: every shard
-    run_config: dict = field(default_factory=dict)  # rounds, local-steps, strategy, lr, ... (server_settings keys)
+    run_config: dict = field(default_factory=dict)  # rounds, local-steps, strategy, lr, ... (FederationConfig's run-config keys)
 
 
 def node_configs(settings: LocalSettings) -> list[tuple[str, dict]]:
@@ -277,7 +278,7 @@ def run_local(settings: LocalSettings, echo=print) -> dict:
         raise RunError(f"{out} already holds a run", hint="continue it with --resume, or choose another --out")
     nodes = node_configs(settings)
     run_config = server_run_config(settings)
-    rounds = int(run_config.get("rounds", 3))
+    rounds = int(run_config.get("rounds", default_of(FederationConfig, "rounds")))
     out.mkdir(parents=True, exist_ok=True)
     with LocalCluster.create(out / "logs") as cluster:
         app_dir = write_app(cluster.work / "app")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log  # Flower's logger: its lines reach `flwr run --stream`
 
 from .. import run as runs
+from ..config import FEDERATED_STRATEGIES, FederationConfig
 from ..errors import ConfigError, RunError, UserError
 from ..manifest import manifest_digest
 from . import runfolder
@@ -58,37 +58,11 @@ from .aggregate import (
 )
 from .reply_checks import ReplyLimits, eval_reply_problem, screen, train_reply_problem
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean", "krum")
-
 app = ServerApp()
 
 
-@dataclass
-class ServerSettings:
-    bundle: str = ""
-    out: str = ""
-    rounds: int = 3
-    strategy: str = "fedavg"
-    local_steps: int = 20
-    lr: float = 2e-4
-    batch_size: int = 4
-    seq_len: int = 512
-    schedule: str = "constant"
-    warmup: int = 0
-    seed: int = 0
-    min_nodes: int = 2
-    fraction_train: float = 1.0
-    round_timeout: float = 3600.0
-    proximal_mu: float = 0.01
-    server_lr: float = 0.01
-    trim_beta: float = 0.2
-    krum_malicious_nodes: int = 0
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    max_update_norm: float = 0.0
-    max_examples: int = 10_000_000
-    resume: bool = False
-    keep: int = 3
+class ServerSettings(FederationConfig):
+    """The federation's settings (fields and defaults: ortft.config.FederationConfig), read from a run configuration."""
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> ServerSettings:
@@ -105,8 +79,8 @@ class ServerSettings:
     def check(self) -> None:
         if not self.bundle or not self.out:
             raise ConfigError("the run configuration needs bundle and out", hint='flwr run APP --run-config \'bundle="..." out="..."\'')
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r} is unknown", hint=f"choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in FEDERATED_STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is unknown", hint=f"choose one of {', '.join(FEDERATED_STRATEGIES)}")
         for name in ("rounds", "local_steps", "batch_size", "seq_len", "min_nodes", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
@@ -122,8 +96,6 @@ class ServerSettings:
         if self.max_examples < 1:
             raise ConfigError("max-examples must be at least 1")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_strategy(settings: ServerSettings):

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ATTENTION_CHUNK_ROWS
+from ..config import ATTENTION_CHUNK_ROWS, PrepareConfig
 from ..fsutil import native_write_errors
 from ..graph.blocked_attention import BlockedAttention, gradient_definitions
 from ..graph.chunked_loss import ChunkedCrossEntropy
@@ -69,16 +69,36 @@ QUANTIZE_SCHEMES = ("int8", "int4")
 INT4_OPSET = 21  # DequantizeLinear with int4 and block_size
 
 
-@dataclass
+@dataclass(frozen=True)
 class Quantization:
-    """Which frozen weights to quantize and how (from PrepareConfig's quantize_* settings)."""
+    """Which frozen weights to quantize and how: a view of PrepareConfig's quantize and quantize_* settings
+    (their defaults and meanings live there)."""
 
-    scheme: str  # "int8" | "int4"
-    block_size: int = 32
-    symmetric: bool = True
-    all_linear: bool = False  # every frozen linear layer, not only the adapted ones (the LM head excepted)
-    embeddings: bool = False  # the embedding table(s) and the LM head
-    recompute: bool = True  # the backward pass dequantizes again instead of keeping the forward copy
+    config: PrepareConfig
+
+    @property
+    def scheme(self) -> str:  # "int8" | "int4"
+        return self.config.quantize
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.config.quantize_symmetric
+
+    @property
+    def all_linear(self) -> bool:
+        return self.config.quantize_all_linear
+
+    @property
+    def embeddings(self) -> bool:
+        return self.config.quantize_embeddings
+
+    @property
+    def recompute(self) -> bool:
+        return self.config.quantize_recompute
 
 
 def quantization_targets(model, trainable: set[str], settings: Quantization) -> list[str]:

@@ -100,10 +100,7 @@ def _quantization(config: PrepareConfig):
         raise ConfigError(f"--quantize {config.quantize} is unknown", hint=f"choose one of {', '.join(artifacts.QUANTIZE_SCHEMES)}")
     if config.block_size < 2:
         raise ConfigError(f"--block-size must be at least 2, got {config.block_size}")
-    return artifacts.Quantization(
-        scheme=config.quantize, block_size=config.block_size, symmetric=config.quantize_symmetric,
-        all_linear=config.quantize_all_linear, embeddings=config.quantize_embeddings, recompute=config.quantize_recompute,
-    )
+    return artifacts.Quantization(config)
 
 
 def _versions() -> dict:
