@@ -115,6 +115,34 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Refuse settings no bundle could train with (ConfigError naming the flag); the one place they are checked.
+        What depends on the bundle (--seq-len against its max_seq_len) is checked when the bundle is open."""
+        from .errors import ConfigError
+
+        if not self.data:
+            raise ConfigError("no training data: give --data train.jsonl (or data: in --config)")
+        if not self.out:
+            raise ConfigError("no run folder: give --out RUN_DIR (or out: in --config)")
+        for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be a whole number of at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be positive")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup {self.warmup} must not be negative")
+        if self.valid is not None and self.valid_fraction is not None:
+            raise ConfigError("give --valid or --valid-fraction, not both")
+        if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"--valid-fraction {self.valid_fraction} must lie between 0 and 1")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps {self.steps} must be at least 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"--epochs {self.epochs} must be positive")
+
 
 @dataclass
 class EvalConfig:

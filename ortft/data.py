@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +62,6 @@ from .jsonl import json_type as _json_type
 if TYPE_CHECKING:  # imported for type names only; the loader takes any object with this interface
     from .tokenizer import TextTokenizer
 
-log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TASK_CAUSAL_LM = "causal-lm"
@@ -191,6 +189,18 @@ class DataStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def notes(self, role: str, seq_len: int, batch_size: int | None) -> list[str]:
+        """The facts about this data a user should hear, once (`role`: training, validation, evaluation;
+        `batch_size` None: batches are not counted in examples, e.g. --batch-tokens)."""
+        notes = []
+        if self.fewer_examples_than_batch_size and batch_size:
+            notes.append(f"only {self.num_examples} {role} examples, fewer than --batch-size {batch_size}: {role} on what there is")
+        if self.num_truncated:
+            notes.append(f"{self.num_truncated} {role} examples were longer than --seq-len {seq_len} and were truncated")
+        if self.num_without_labels:
+            notes.append(f"{self.num_without_labels} {role} examples had no token left to learn from and were dropped")
+        return notes
 
 
 @dataclass
@@ -494,12 +504,6 @@ def load_dataset(path: Path | str, tokenizer: "TextTokenizer", config: DataConfi
             f"{path}: no token left to learn from: all {num_without_labels} examples have no label after masking and truncation{truncated_note}",
             hint="raise --seq-len, make sure completions / assistant replies are not empty, or turn prompt masking off",
         )
-    if num_without_labels:
-        log.warning("%s: %d examples had nothing left to learn (masked or truncated away) and were skipped", path, num_without_labels)
-    if stats.num_truncated:
-        log.warning("%s: %d examples were longer than seq_len=%d and were truncated", path, stats.num_truncated, config.seq_len)
-    if stats.fewer_examples_than_batch_size and not config.batch_tokens:
-        log.warning("%s: only %d examples, fewer than the batch size %d", path, len(examples), config.batch_size)
     pad_id = tokenizer.pad_token_id
     return TokenizedDataset(path, sha256, file_format, config.task, examples, stats, 0 if pad_id is None else pad_id)
 

@@ -3,6 +3,7 @@ bundle or a run's checkpoint on JSONL data."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import run as runs
@@ -11,6 +12,8 @@ from .data import DataConfig, load_dataset
 from .threads import default_threads
 from .train import evaluate
 from .validate import require_valid
+
+log = logging.getLogger(__name__)
 
 
 
@@ -48,6 +51,8 @@ def evaluate_path(target: Path | str, data: Path | str, batch_size: int = defaul
     config = DataConfig(seq_len=seq_len, batch_size=batch_size, seed=0, task=task, mask_prompt=mask_prompt,
                         label_names=manifest.get("labels"), shuffle=False, max_example_chars=max_example_chars)
     dataset = load_dataset(data, tokenizer, config)
+    for note in dataset.stats.notes("evaluation", seq_len, None):
+        log.warning("%s: %s", data, note)
     session = TrainingSession(bundle, parameters=checkpoint_file, threads=threads or default_threads(), with_optimizer=False,
                               manifest=manifest)
     result = evaluate(session, dataset, config, task, max_batches)

@@ -6,6 +6,10 @@ AdamW step (ortft/optimizer.py); AdamW is invariant to a gradient's scale, so th
 except for the clipping threshold, which applies to the sum. SIGINT/SIGTERM finish the current step,
 save a checkpoint and stop; a NaN or infinite loss stops before the optimizer step and never
 overwrites a good checkpoint.
+
+`train` reads as a recipe: `TrainConfig.check` (the settings, once), `setup` (bundle, data, plan, resume
+point, run records, session), `train_step`, `evaluate_and_save` (`run_eval`, `save_checkpoint`) and `finish`
+(the summary). Notes, messages and progress go to a `TrainReporter` (ortft/progress.py) the caller supplies.
 """
 
 from __future__ import annotations
@@ -18,23 +22,28 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import click
 import numpy as np
 
 from . import run as runs
 from .config import TrainConfig
-from .data import BatchIterator, DataConfig, LoaderPosition, iter_eval_batches, load_train_and_valid
+from .data import BatchIterator, DataConfig, LoaderPosition, TokenizedDataset, iter_eval_batches, load_train_and_valid
 from .errors import ConfigError, RunError, TrainingDivergedError
 from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
 from .manifest import bundle_digests, manifest_digest
 from .optimizer import ADAMW_UPDATE
+from .progress import LogReporter, TrainReporter
 from .schedule import learning_rate
 from .threads import default_threads
 from .validate import require_valid
+
+if TYPE_CHECKING:  # the runtime imports onnxruntime: loaded when a session is opened
+    from .runtime import TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +75,12 @@ class StopRequest:
 
 
 @contextmanager
-def graceful_signals(stop: StopRequest):
+def graceful_signals(stop: StopRequest, reporter: TrainReporter):
     def handler(signum, _frame):
         if stop:  # a second signal: the user insists
             raise KeyboardInterrupt
         stop.signal_name = signal.Signals(signum).name
-        click.echo(f"\n{stop.signal_name}: finishing this step, then saving a checkpoint (again to abort)", err=True)
+        reporter.message(f"\n{stop.signal_name}: finishing this step, then saving a checkpoint (again to abort)")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -177,38 +186,24 @@ class RunPlan:
     total_steps: int
     batches_per_epoch: int
     steps_per_epoch: float
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_steps(config: TrainConfig, batches_per_epoch: int) -> RunPlan:
-    if config.steps is not None and config.epochs is not None:
-        raise ConfigError("give --steps or --epochs, not both")
+    """--steps, or --epochs (default one) of `batches_per_epoch` in steps of grad_accum batches (config checked already)."""
     steps_per_epoch = batches_per_epoch / config.grad_accum
     if config.steps is not None:
-        if config.steps < 1:
-            raise ConfigError(f"--steps {config.steps} must be at least 1")
         total = config.steps
     else:
         epochs = 1.0 if config.epochs is None else config.epochs
-        if epochs <= 0:
-            raise ConfigError(f"--epochs {epochs} must be positive")
         total = max(1, math.ceil(epochs * steps_per_epoch))
     return RunPlan(total, batches_per_epoch, steps_per_epoch)
 
 
-def check_config(config: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {value} must be a whole number of at least 1")
-    if not config.lr > 0:
-        raise ConfigError(f"--lr {config.lr} must be positive")
-    if config.warmup < 0:
-        raise ConfigError(f"--warmup {config.warmup} must not be negative")
-    if config.valid is not None and config.valid_fraction is not None:
-        raise ConfigError("give --valid or --valid-fraction, not both")
-    if config.valid_fraction is not None and not 0.0 < config.valid_fraction < 1.0:
-        raise ConfigError(f"--valid-fraction {config.valid_fraction} must lie between 0 and 1")
+def check_fits_bundle(config: TrainConfig, manifest: dict) -> None:
+    """The settings that depend on the bundle: --seq-len at most its max_seq_len."""
+    max_len = int(manifest["model"]["max_seq_len"])
+    if config.seq_len > max_len:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds the bundle's max_seq_len {max_len}", hint=f"use at most {max_len}")
 
 
 def _resume_state(config: TrainConfig, run_dir: Path, bundle_digest: str, data_sha: dict) -> tuple[Path | None, dict | None]:
@@ -254,20 +249,18 @@ def _seed_ort(seed: int) -> None:
         setter(int(seed))
 
 
-def _report_placement(session, providers, batch_inputs: dict, quiet: bool) -> dict:
+def _placement_note(session, providers, batch_inputs: dict) -> tuple[dict, str | None]:
     """With an accelerator, how many training-graph nodes each provider took (one profiled run of a
-    separate session); ORT runs on the CPU whatever the accelerator cannot. CPU alone: {} (no profiling)."""
+    separate session; ORT runs on the CPU whatever the accelerator cannot), and the note saying so.
+    CPU alone: ({}, None), without profiling."""
     from .providers import CPU_PROVIDER
 
     if providers[0][0] == CPU_PROVIDER:
-        return {}
+        return {}, None
     counts = session.placement(batch_inputs)
     total = sum(counts.values())
-    if not quiet:
-        click.echo("note: training graph nodes per execution provider: " +
-                   ", ".join(f"{name} {count} of {total}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])),
-                   err=True)
-    return counts
+    return counts, ("training graph nodes per execution provider: " +
+                    ", ".join(f"{name} {count} of {total}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
 def read_initial_adapter(manifest: dict, path: Path) -> dict[str, np.ndarray]:
@@ -282,78 +275,174 @@ def read_initial_adapter(manifest: dict, path: Path) -> dict[str, np.ndarray]:
     return adapter
 
 
-def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
+@dataclass
+class TrainingRun:
+    """One run as `setup` made it and `train_step` advances it: bundle, data, session, plan, and progress so far."""
+
+    config: TrainConfig
+    bundle: Path
+    run_dir: Path
+    manifest: dict
+    bundle_digest: str
+    providers: list
+    device: str
+    data_config: DataConfig
+    train_set: TokenizedDataset
+    valid_set: TokenizedDataset | None
+    data_sha: dict
+    plan: RunPlan
+    notes: list[str]
+    session: TrainingSession
+    metrics: MetricsLog
+    stream: Iterator
+    data_position: LoaderPosition
+    step: int
+    resumed: bool
+    best: dict
+    first_eval: EvalResult | None
+    lr: float = 0.0
+    last_loss: float = float("nan")
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    placement: dict | None = None  # nodes per execution provider, measured on the first batch
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+
+def train(config: TrainConfig, quiet: bool = False, on_step=None, reporter: TrainReporter | None = None) -> dict:
     """Run (or resume) training as `config` says; returns the summary also written to summary.json.
 
-    `on_step(session, step, lr)`, if given, runs after every optimizer step (federated FedProx uses it
-    for its proximal pull towards the global adapter).
+    The recipe: check the settings, `setup`, evaluate the start, then `train_step` and `evaluate_and_save`
+    until the plan's last step (or a signal, or --stop-after), and `finish`. `reporter` hears the notes,
+    messages and progress (ortft/progress.py; the CLI supplies one that prints); without one they go to
+    the log, notes at INFO with `quiet`. `on_step(session, step, lr)`, if given, runs after every optimizer
+    step (federated FedProx uses it for its proximal pull towards the global adapter).
     """
-    from .providers import describe_providers, resolve_for_training
-    from .runtime import TrainingSession
-    from .tokenizer import load_tokenizer
-    from .tokenizer_facts import tokenizer_notes
+    reporter = reporter or LogReporter(logging.INFO if quiet else logging.WARNING)
+    config.check()
+    run = setup(config, reporter)
+    started = time.perf_counter()
+    stop = StopRequest()
+    stop_after = config.extra.get("stop_after")
+    try:
+        if not run.resumed and run.valid_set is not None:
+            run.first_eval = run_eval(run, 0)
+            reporter.message(f"step 0: eval loss {run.first_eval.loss:.4f}")
+        reporter.start(run.plan.total_steps, run.step)
+        with graceful_signals(stop, reporter):
+            while run.step < run.plan.total_steps:
+                reporter.step(train_step(run, on_step, reporter))
+                evaluate_and_save(run, stop, stop_after)
+                if stop or run.step == stop_after:
+                    break
+    finally:
+        reporter.close()
+        run.metrics.close()
+    return finish(run, stop, started)
 
-    check_config(config)
-    bundle = Path(config.bundle)
-    run_dir = Path(config.out)
+
+def setup(config: TrainConfig, reporter: TrainReporter) -> TrainingRun:
+    """Open the bundle, load and plan the data, find the resume point, record the run, open the session."""
+    from .providers import describe_providers, resolve_for_training
+
+    bundle, run_dir = Path(config.bundle), Path(config.out)
     manifest = require_valid(bundle)
     bundle_digest = manifest_digest(bundle)
-    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
-        check_output_dir(run_dir, force=False)
-    if config.resume and not runs.is_run_dir(run_dir):
-        raise RunError(f"--resume: {run_dir} is not a run folder", hint="drop --resume to start a new run there")
-    task = manifest["task"]
-    max_len = int(manifest["model"]["max_seq_len"])
-    if config.seq_len > max_len:
-        raise ConfigError(f"--seq-len {config.seq_len} exceeds the bundle's max_seq_len {max_len}", hint=f"use at most {max_len}")
+    _check_run_folder(config, run_dir)
+    check_fits_bundle(config, manifest)
     providers = resolve_for_training(config.provider)
     device = describe_providers(providers)
     threads = config.threads or default_threads()
-
-    tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
-    data_config = DataConfig.from_train_config(config, task=task, label_names=manifest.get("labels"))
-    train_set, valid_set = load_train_and_valid(config.data, tokenizer, data_config, config.valid, config.valid_fraction)
-    data_sha = {"train": train_set.sha256}
-    if config.valid:
-        data_sha["valid"] = sha256_file(config.valid)
+    data_config, train_set, valid_set, data_sha = load_data(config, bundle, manifest)
     batches = BatchIterator(train_set, data_config)
     plan = plan_steps(config, batches.batches_per_epoch)
 
     resume_folder, resume_state = _resume_state(config, run_dir, bundle_digest, data_sha)
-    start_step = int(resume_state["step"]) if resume_state else 0
-    position = LoaderPosition.from_dict(resume_state["data_position"]) if resume_state else None
-    best = dict(resume_state.get("best") or {}) if resume_state else {}
     init_adapter = read_initial_adapter(manifest, Path(config.init_adapter)) if config.init_adapter and not resume_state else None
+    _write_run_records(config, run_dir, bundle, manifest, bundle_digest, resume_state is None,
+                       {"threads": threads, "device": device, "total_steps": plan.total_steps})
+    notes = run_notes(config, bundle, manifest, train_set, valid_set)
+    for note in notes:
+        reporter.note(note)
 
+    start_step = int(resume_state["step"]) if resume_state else 0
+    session = open_session(config, bundle, manifest, providers, threads, resume_folder, init_adapter)
+    _seed_ort(config.seed + start_step)
+    position = LoaderPosition.from_dict(resume_state["data_position"]) if resume_state else None
+    first_eval = None
+    if resume_state and resume_state.get("first_eval_loss") is not None:
+        first_eval = EvalResult(float(resume_state["first_eval_loss"]), 0, 0)
+    return TrainingRun(
+        config=config, bundle=bundle, run_dir=run_dir, manifest=manifest, bundle_digest=bundle_digest,
+        providers=providers, device=device, data_config=data_config, train_set=train_set, valid_set=valid_set,
+        data_sha=data_sha, plan=plan, notes=notes, session=session,
+        # A resume keeps the records up to its checkpoint; a run that starts (over) at step 0 keeps none.
+        metrics=MetricsLog(run_dir / runs.METRICS_FILE, keep_through_step=start_step if resume_state else -1),
+        stream=batches.batches(position), data_position=position or LoaderPosition(fingerprint=batches.fingerprint),
+        step=start_step, resumed=resume_state is not None,
+        best=dict(resume_state.get("best") or {}) if resume_state else {}, first_eval=first_eval,
+    )
+
+
+def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
+    """A new run needs an empty or new --out; --resume needs a run folder there."""
+    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
+        check_output_dir(run_dir, force=False)
+    if config.resume and not runs.is_run_dir(run_dir):
+        raise RunError(f"--resume: {run_dir} is not a run folder", hint="drop --resume to start a new run there")
+
+
+def load_data(config: TrainConfig, bundle: Path, manifest: dict) -> tuple[DataConfig, TokenizedDataset, TokenizedDataset | None, dict]:
+    """The training and validation sets, tokenized with the bundle's tokenizer, and the sha256 of their files."""
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
+    data_config = DataConfig.from_train_config(config, task=manifest["task"], label_names=manifest.get("labels"))
+    train_set, valid_set = load_train_and_valid(config.data, tokenizer, data_config, config.valid, config.valid_fraction)
+    data_sha = {"train": train_set.sha256}
+    if config.valid:
+        data_sha["valid"] = sha256_file(config.valid)
+    return data_config, train_set, valid_set, data_sha
+
+
+def _write_run_records(config: TrainConfig, run_dir: Path, bundle: Path, manifest: dict, bundle_digest: str, new_run: bool,
+                       resolved: dict) -> None:
+    """run.json for a new run; config.json (the settings as resolved for this start) every time."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume_state:
+    if new_run:
         write_json_atomic(run_dir / runs.RUN_FILE, {
             "format": "ortft-run",
             "bundle": runs.bundle_reference(run_dir, bundle),
             "bundle_manifest_sha256": bundle_digest,
-            "task": task,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "task": manifest["task"],
+            "created": _now(),
             # file names only: run.json travels with the run; the data's sha256 is in every checkpoint
             "data": {"train": Path(config.data).name, "valid": Path(config.valid).name if config.valid else None},
         })
-    resolved = config.to_dict()
-    resolved.update({"threads": threads, "device": device, "total_steps": plan.total_steps})
-    write_json_atomic(run_dir / runs.CONFIG_FILE, resolved)
+    write_json_atomic(run_dir / runs.CONFIG_FILE, {**config.to_dict(), **resolved})
 
-    stats = train_set.stats
-    notes = []
-    if stats.fewer_examples_than_batch_size and not config.batch_tokens:
-        notes.append(f"only {stats.num_examples} training examples, fewer than --batch-size {config.batch_size}: training on what there is")
-    if stats.num_truncated:
-        notes.append(f"{stats.num_truncated} training examples were longer than --seq-len {config.seq_len} and were truncated")
-    if stats.num_without_labels:
-        notes.append(f"{stats.num_without_labels} training examples had no token left to learn from and were dropped")
+
+def run_notes(config: TrainConfig, bundle: Path, manifest: dict, train_set: TokenizedDataset,
+              valid_set: TokenizedDataset | None) -> list[str]:
+    """What the user should know about this run's data and bundle, said once (and kept in the summary)."""
+    from .tokenizer_facts import tokenizer_notes
+
+    notes = train_set.stats.notes("training", config.seq_len, None if config.batch_tokens else config.batch_size)
+    if config.valid and valid_set is not None:  # a --valid-fraction part is counted with its file above
+        notes.extend(valid_set.stats.notes("validation", config.seq_len, None))
     if manifest.get("optimizer", {}).get("update") != ADAMW_UPDATE:
         notes.append("this bundle was prepared with the old transformers.AdamW update; ortft now always makes "
                      "PyTorch's AdamW update (its losses differ from runs made before)")
     notes.extend(tokenizer_notes(bundle, manifest))  # a GGUF bundle prepared before its tokenizer kept the GGUF's tokens
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
+    return notes
+
+
+def open_session(config: TrainConfig, bundle: Path, manifest: dict, providers, threads: int, resume_folder: Path | None,
+                 init_adapter: dict[str, np.ndarray] | None) -> TrainingSession:
+    """The training session with the adapter to start from: a checkpoint's (and its optimizer state), --init-adapter's, or the bundle's."""
+    from .runtime import TrainingSession
 
     session = TrainingSession(bundle, parameters=(resume_folder / runs.ADAPTER_FILE) if resume_folder else None,
                               providers=providers, threads=threads, verbose=config.verbose, manifest=manifest)
@@ -363,147 +452,133 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
             raise RunError(f"checkpoint {resume_folder} holds no optimizer state to resume from",
                            hint="start a new run with --init-adapter pointing at its adapter.safetensors")
         session.load_optimizer_state(*saved_optimizer)
-    _seed_ort(config.seed + start_step)
-    trainable = [entry["name"] for entry in manifest["trainable"]]
     for name, value in (init_adapter or {}).items():  # e.g. a global adapter in federated training
         session.set_parameter(name, value)
-    # A resume keeps the records up to its checkpoint; a run that starts (over) at step 0 keeps none.
-    metrics = MetricsLog(run_dir / runs.METRICS_FILE, keep_through_step=start_step if resume_state else -1)
+    return session
 
-    def adapter_now() -> dict[str, np.ndarray]:
-        return {name: session.parameter(name) for name in trainable}
 
-    def save(step: int, data_position: LoaderPosition, lr: float) -> Path:
-        state = {
-            "step": step,
-            "epoch": data_position.epoch,
-            "data_position": data_position.to_dict(),
-            "learning_rate": lr,
-            "rng": {"seed": config.seed, "ort_seed": config.seed + step, "shuffle": "numpy default_rng((seed, stream, epoch))"},
-            "config": config.to_dict(),
-            "bundle_manifest_sha256": bundle_digest,
-            "data_sha256": data_sha,
-            "best": best,
-            "first_eval_loss": first_eval.loss if first_eval else None,
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        optimizer_state, optimizer_step = session.optimizer_state()
-        folder = runs.write_checkpoint(run_dir, step, adapter_now(), state, optimizer_state, optimizer_step)
-        protect = {run_dir / best["checkpoint"]} if best.get("checkpoint") else set()
-        runs.prune_checkpoints(run_dir, config.keep, protect)
-        return folder
+def train_step(run: TrainingRun, on_step, reporter: TrainReporter) -> dict:
+    """One optimizer step: the gradients of grad_accum micro-batches summed, one AdamW update; returns the
+    step's metrics record (also written to metrics.jsonl). A non-finite loss stops before the update."""
+    config = run.config
+    run.step += 1
+    run.lr = learning_rate(run.step, run.plan.total_steps, config.lr, config.warmup, config.schedule)
+    t0 = time.perf_counter()
+    loss_sum = 0.0
+    label_tokens = 0
+    tokens = 0
+    for _micro in range(config.grad_accum):
+        batch, run.data_position = next(run.stream)
+        if batch.num_label_tokens == 0:
+            continue  # nothing to learn in this batch (every label masked)
+        loss = scalar(run.session.train_step_forward_backward(batch.inputs))
+        if run.placement is None:
+            run.placement, note = _placement_note(run.session, run.providers, batch.inputs)
+            if note:
+                reporter.note(note)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the loss became {loss} at step {run.step}; training stopped before the optimizer step",
+                hint="lower --lr or raise --warmup; the last good checkpoint was kept; --resume continues from it",
+            )
+        loss_sum += loss * batch.num_label_tokens
+        label_tokens += batch.num_label_tokens
+        tokens += batch.num_tokens
+    run.session.optimizer_step(run.lr)
+    if on_step is not None:
+        on_step(run.session, run.step, run.lr)
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    run.trained_tokens += tokens
+    run.last_loss = loss_sum / max(label_tokens, 1)
+    record = {"step": run.step, "loss": run.last_loss, "lr": run.lr, "tokens_per_s": tokens / seconds if seconds else 0.0,
+              "tokens": tokens, "label_tokens": label_tokens, "epoch": run.data_position.epoch}
+    run.metrics.write(record)
+    return record
 
-    def run_eval(step: int) -> EvalResult | None:
-        if valid_set is None:
-            return None
-        result = evaluate(session, valid_set, data_config, task, config.max_eval_batches)
-        metrics.write({"step": step, **result.as_record()})
-        return result
 
-    started = time.perf_counter()
-    placement = None  # nodes per execution provider, measured on the first batch
-    stop = StopRequest()
-    stop_after = config.extra.get("stop_after")
-    trained_tokens = 0
-    train_seconds = 0.0
-    first_eval = None
-    if resume_state and resume_state.get("first_eval_loss") is not None:
-        first_eval = EvalResult(float(resume_state["first_eval_loss"]), 0, 0)
-    last_loss = float("nan")
-    step = start_step
-    stream = batches.batches(position)
-    data_position = position or LoaderPosition(fingerprint=batches.fingerprint)
-    lr = learning_rate(max(step, 1), plan.total_steps, config.lr, config.warmup, config.schedule)
-    if not resume_state and valid_set is not None:
-        first_eval = run_eval(0)
-        if first_eval and not quiet:
-            click.echo(f"step 0: eval loss {first_eval.loss:.4f}", err=True)
-    progress = None
-    if not quiet:
-        from tqdm import tqdm
+def run_eval(run: TrainingRun, step: int) -> EvalResult | None:
+    """Evaluate on the validation set (None without one) and record the result in metrics.jsonl."""
+    if run.valid_set is None:
+        return None
+    result = evaluate(run.session, run.valid_set, run.data_config, run.task, run.config.max_eval_batches)
+    run.metrics.write({"step": step, **result.as_record()})
+    return result
 
-        progress = tqdm(total=plan.total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    try:
-        with graceful_signals(stop):
-            while step < plan.total_steps:
-                step += 1
-                lr = learning_rate(step, plan.total_steps, config.lr, config.warmup, config.schedule)
-                t0 = time.perf_counter()
-                loss_sum = 0.0
-                label_tokens = 0
-                tokens = 0
-                for _micro in range(config.grad_accum):
-                    batch, data_position = next(stream)
-                    if batch.num_label_tokens == 0:
-                        continue  # nothing to learn in this batch (every label masked)
-                    loss = scalar(session.train_step_forward_backward(batch.inputs))
-                    if placement is None:
-                        placement = _report_placement(session, providers, batch.inputs, quiet)
-                    if not math.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"the loss became {loss} at step {step}; training stopped before the optimizer step",
-                            hint="lower --lr or raise --warmup; the last good checkpoint was kept; --resume continues from it",
-                        )
-                    loss_sum += loss * batch.num_label_tokens
-                    label_tokens += batch.num_label_tokens
-                    tokens += batch.num_tokens
-                session.optimizer_step(lr)
-                if on_step is not None:
-                    on_step(session, step, lr)
-                seconds = time.perf_counter() - t0
-                train_seconds += seconds
-                trained_tokens += tokens
-                last_loss = loss_sum / max(label_tokens, 1)
-                record = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens / seconds if seconds else 0.0,
-                          "tokens": tokens, "label_tokens": label_tokens, "epoch": data_position.epoch}
-                metrics.write(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    progress.update(1)
-                saved = False
-                if step % config.eval_every == 0 or step == plan.total_steps:
-                    result = run_eval(step)
-                    if result is not None and (not best or result.loss < best["eval_loss"]):
-                        # Record the new best before saving: its trainer state then holds it, and pruning
-                        # protects this checkpoint rather than the previous best.
-                        best.update({"checkpoint": f"{runs.CHECKPOINTS}/{runs.step_dir_name(step)}", "step": step,
-                                     "eval_loss": result.loss})
-                        folder = save(step, data_position, lr)
-                        saved = True
-                        runs.write_best(run_dir, folder, step, result.loss)
-                if not saved and (step % config.save_every == 0 or step == plan.total_steps or stop or step == stop_after):
-                    save(step, data_position, lr)
-                if stop or step == stop_after:
-                    break
-    finally:
-        if progress is not None:
-            progress.close()
-        metrics.close()
 
-    finished = step >= plan.total_steps
+def evaluate_and_save(run: TrainingRun, stop: StopRequest, stop_after: int | None) -> None:
+    """Every --eval-every steps and at the last: evaluate, and save a new best at once; every --save-every
+    steps, at the last, on a signal and at --stop-after: save a checkpoint (unless that step's best was just saved)."""
+    config, step = run.config, run.step
+    last = step == run.plan.total_steps
+    if step % config.eval_every == 0 or last:
+        result = run_eval(run, step)
+        if result is not None and (not run.best or result.loss < run.best["eval_loss"]):
+            # Record the new best before saving: its trainer state then holds it, and pruning
+            # protects this checkpoint rather than the previous best.
+            run.best.update({"checkpoint": f"{runs.CHECKPOINTS}/{runs.step_dir_name(step)}", "step": step,
+                             "eval_loss": result.loss})
+            runs.write_best(run.run_dir, save_checkpoint(run), step, result.loss)
+            return
+    if step % config.save_every == 0 or last or stop or step == stop_after:
+        save_checkpoint(run)
+
+
+def save_checkpoint(run: TrainingRun) -> Path:
+    """Write the checkpoint of this step (adapter, optimizer state, trainer state) and prune old ones."""
+    config = run.config
+    state = {
+        "step": run.step,
+        "epoch": run.data_position.epoch,
+        "data_position": run.data_position.to_dict(),
+        "learning_rate": run.lr,
+        "rng": {"seed": config.seed, "ort_seed": config.seed + run.step, "shuffle": "numpy default_rng((seed, stream, epoch))"},
+        "config": config.to_dict(),
+        "bundle_manifest_sha256": run.bundle_digest,
+        "data_sha256": run.data_sha,
+        "best": run.best,
+        "first_eval_loss": run.first_eval.loss if run.first_eval else None,
+        "saved": _now(),
+    }
+    adapter = {entry["name"]: run.session.parameter(entry["name"]) for entry in run.manifest["trainable"]}
+    optimizer_state, optimizer_step = run.session.optimizer_state()
+    folder = runs.write_checkpoint(run.run_dir, run.step, adapter, state, optimizer_state, optimizer_step)
+    protect = {run.run_dir / run.best["checkpoint"]} if run.best.get("checkpoint") else set()
+    runs.prune_checkpoints(run.run_dir, config.keep, protect)
+    return folder
+
+
+def finish(run: TrainingRun, stop: StopRequest, started: float) -> dict:
+    """The run's summary, appended to metrics.jsonl and written to summary.json."""
+    finished = run.step >= run.plan.total_steps
     summary = {
         "event": "summary",
-        "step": step,
-        "total_steps": plan.total_steps,
+        "step": run.step,
+        "total_steps": run.plan.total_steps,
         "finished": finished,
         "stopped_by": stop.signal_name or ("stop_after" if not finished else None),
-        "final_train_loss": last_loss,
-        "first_eval_loss": first_eval.loss if first_eval else None,
-        "best_eval_loss": best.get("eval_loss"),
-        "best_step": best.get("step"),
+        "final_train_loss": run.last_loss,
+        "first_eval_loss": run.first_eval.loss if run.first_eval else None,
+        "best_eval_loss": run.best.get("eval_loss"),
+        "best_step": run.best.get("step"),
         "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "tokens_per_s": trained_tokens / train_seconds if train_seconds else 0.0,
+        "train_seconds": run.train_seconds,
+        "tokens_per_s": run.trained_tokens / run.train_seconds if run.train_seconds else 0.0,
         "peak_rss_mb": peak_rss_mb(),
-        "provider": device,
-        "nodes_per_provider": placement or None,
-        "data": stats.to_dict(),
-        "notes": notes,
+        "provider": run.device,
+        "nodes_per_provider": run.placement or None,
+        "data": run.train_set.stats.to_dict(),
+        "notes": run.notes,
     }
+    metrics_path = run.run_dir / runs.METRICS_FILE
     try:
-        with open(run_dir / runs.METRICS_FILE, "a", encoding="utf-8") as handle:
+        with open(metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(summary) + "\n")
     except OSError as exc:
-        raise disk_error(exc, run_dir / runs.METRICS_FILE) from exc
-    write_json_atomic(run_dir / "summary.json", summary)
+        raise disk_error(exc, metrics_path) from exc
+    write_json_atomic(run.run_dir / "summary.json", summary)
     return summary
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -12,6 +12,7 @@ allows) and swapped in only when complete.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from .fsutil import staged_dir
 from .manifest import FORMAT_VERSION, TRAINING_API_FORMAT, load_verified, manifest_digest, write_manifest
 from .optimizer import ADAMW_UPDATE
 from .runtime import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, TRAINING_GRAPH
+
+log = logging.getLogger(__name__)
 
 DROPPED = ("checkpoint", "checkpoint.data", "optimizer_model.onnx")
 
@@ -60,10 +63,10 @@ def _frozen_into_graphs(folder: Path, frozen: dict) -> int:
     return len(frozen)
 
 
-def upgrade_bundle(bundle: Path | str, quiet: bool = False) -> dict:
-    """Upgrade `bundle` in place; returns the new manifest. A bundle already of the current format is left alone."""
-    import click
+def upgrade_bundle(bundle: Path | str, quiet: bool = False, report=None) -> dict:
+    """Upgrade `bundle` in place; returns the new manifest. A bundle already of the current format is left alone.
 
+    `report(line)` hears what was done (the CLI prints it; default: the log at INFO); `quiet` says nothing."""
     from .legacy_checkpoint import read_ort_checkpoint
     from .graph.lower_bundle import lower_training_graphs
     from .run import adapter_bytes
@@ -72,7 +75,7 @@ def upgrade_bundle(bundle: Path | str, quiet: bool = False) -> dict:
     manifest = load_verified(bundle)
     if int(manifest.get("format_version", 0)) > TRAINING_API_FORMAT:
         if not quiet:
-            click.echo(f"{bundle} is already a stock-onnxruntime bundle (format_version {manifest['format_version']})", err=True)
+            (report or log.info)(f"{bundle} is already a stock-onnxruntime bundle (format_version {manifest['format_version']})")
         return manifest
     old_digest = manifest_digest(bundle)
     checkpoint = read_ort_checkpoint(bundle / "checkpoint")
@@ -107,6 +110,6 @@ def upgrade_bundle(bundle: Path | str, quiet: bool = False) -> dict:
                                           "bytes": int(sum(value.nbytes for value in checkpoint.frozen.values()))}
         new_manifest = write_manifest(stage, upgraded)
     if not quiet:
-        click.echo(f"upgraded {bundle}: training-only ops lowered to standard ONNX, initial adapter in {INITIAL_ADAPTER}"
-                   + (f", {moved} frozen tensors into {FROZEN_DATA}" if moved else ""), err=True)
+        (report or log.info)(f"upgraded {bundle}: training-only ops lowered to standard ONNX, initial adapter in {INITIAL_ADAPTER}"
+                             + (f", {moved} frozen tensors into {FROZEN_DATA}" if moved else ""))
     return new_manifest

@@ -11,6 +11,7 @@ from ..cli_paths import InputPath
 from ..config import TrainConfig
 from ..default_seq_len import SEQ_LEN_DEFAULT_HELP, fitted_seq_len
 from ..errors import ConfigError
+from ..progress import TrainReporter
 from ..schedule import SCHEDULES
 
 _defaults = TrainConfig()
@@ -38,6 +39,35 @@ def load_yaml_config(path: str) -> dict:
             raise ConfigError(f"config file {path}: unknown option '{key}'", hint=f"known options: {', '.join(sorted(known))}")
         result[name] = value
     return result
+
+
+class TerminalReporter(TrainReporter):
+    """Prints a run's notes and messages to stderr and shows its steps as a tqdm progress bar."""
+
+    def __init__(self):
+        self.progress = None
+
+    def note(self, text: str) -> None:
+        click.echo(f"note: {text}", err=True)
+
+    def message(self, text: str) -> None:
+        click.echo(text, err=True)
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.progress = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, record: dict) -> None:
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.progress.update(1)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
 
 # Recorded settings that a resume does not take over from the run folder.
@@ -80,10 +110,6 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
     config = TrainConfig(**{k: v for k, v in merged.items() if k in {f.name for f in fields(TrainConfig)}})
     if values.get("stop_after"):
         config.extra["stop_after"] = values["stop_after"]
-    if not config.data:
-        raise ConfigError("no training data: give --data train.jsonl (or data: in --config)")
-    if not config.out:
-        raise ConfigError("no run folder: give --out RUN_DIR (or out: in --config)")
     return config
 
 
@@ -141,7 +167,7 @@ def command(ctx, bundle, **values):
         if config.seq_len < _defaults.seq_len:
             click.echo(f"note: --seq-len {config.seq_len}, the bundle's max_seq_len (the default {_defaults.seq_len} "
                        "is longer)", err=True)
-    summary = train(config)
+    summary = train(config, reporter=TerminalReporter())
     best = summary["best_eval_loss"]
     first = summary["first_eval_loss"]
     click.echo(

@@ -16,4 +16,4 @@ def command(bundle):
     """
     from ..upgrade import upgrade_bundle
 
-    upgrade_bundle(bundle)
+    upgrade_bundle(bundle, report=lambda line: click.echo(line, err=True))
