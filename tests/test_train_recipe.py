@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"train": train_file, "valid": write_text_data(folder / "valid.jsonl", 3, offset=40)}
 
 
-def _config(bundle, data, out, **settings) -> TrainConfig:
-    values = dict(bundle=str(bundle), data=str(data["train"]), valid=str(data["valid"]), out=str(out), seq_len=32,
+def _config(bundle, files, out, **settings) -> TrainConfig:
+    values = dict(bundle=str(bundle), data=str(files["train"]), valid=str(files["valid"]), out=str(out), seq_len=32,
                   batch_size=2, threads=1, steps=3, eval_every=2, save_every=2)
     values.update(settings)
     return TrainConfig(**values)
@@ -80,7 +81,7 @@ def test_the_cli_says_each_data_fact_once(bundle, data, tmp_path):
 @pytest.mark.parametrize("settings, fragment", [
     ({"steps": 2, "epochs": 1.0}, "give --steps or --epochs, not both"),
     ({"steps": 0}, "--steps 0 must be at least 1"),
-    ({"epochs": -1.0}, "--epochs -1.0 must be positive"),
+    ({"steps": None, "epochs": -1.0}, "--epochs -1.0 must be positive"),
     ({"data": ""}, "no training data"),
     ({"valid_fraction": 0.5}, "give --valid or --valid-fraction, not both"),
     ({"batch_size": 0}, "--batch-size 0 must be a whole number"),
@@ -88,6 +89,6 @@ def test_the_cli_says_each_data_fact_once(bundle, data, tmp_path):
 def test_settings_are_refused_before_anything_is_read_or_written(settings, fragment, tmp_path):
     config = _config(tmp_path / "no-bundle", {"train": tmp_path / "no.jsonl", "valid": tmp_path / "no-valid.jsonl"},
                      tmp_path / "run", **settings)
-    with pytest.raises(ConfigError, match=fragment.replace("-", r"\-").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         train(config, reporter=RecordingReporter())
     assert not (tmp_path / "run").exists()
