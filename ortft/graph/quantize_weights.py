@@ -26,6 +26,7 @@ in practice only an LM head tied to the embedding table (Gather + Transpose) is 
 
 from __future__ import annotations
 
+from ..config import INT4_BLOCK_SIZE
 from .base import GraphPass, PassResult, consumers_of
 from .opset import default_opset
 
@@ -76,7 +77,7 @@ class QuantizeWeights(GraphPass):
     initializers of the generated graphs, stored once in a shared data file.
     """
 
-    def __init__(self, names, scheme: str, block_size: int = 32, symmetric: bool = True, as_inputs: bool = False,
+    def __init__(self, names, scheme: str, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True, as_inputs: bool = False,
                  part_elements: int | None = None):
         self.names = list(dict.fromkeys(names))
         self.part_elements = PART_ELEMENTS if part_elements is None else part_elements  # 0: never split
