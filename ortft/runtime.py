@@ -144,16 +144,21 @@ def load_parameters(path: Path, names: list[str], shapes: dict[str, list[int]] |
     {name: shape} of the manifest, exactly those tensors with those shapes)."""
     from .run import load_adapter
 
-    arrays = load_adapter(path)
+    return fit_parameters(load_adapter(path), names, shapes, str(path))
+
+
+def fit_parameters(arrays: dict[str, np.ndarray], names: list[str], shapes: dict[str, list[int]] | None,
+                   where: str) -> dict[str, np.ndarray]:
+    """`load_parameters`' checks and conversion for tensors already read (`where` names their source)."""
     if shapes is not None:
         from .adapter_tensors import require_adapter_fits
 
-        require_adapter_fits(shapes, arrays, str(path))
+        require_adapter_fits(shapes, arrays, where)
     missing = [name for name in names if name not in arrays]
     if missing:
         from .errors import RunError
 
-        raise RunError(f"{path} lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
+        raise RunError(f"{where} lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
                        hint="use adapter weights made for this bundle")
     return {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in names}
 
@@ -197,8 +202,13 @@ class TrainingSession:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         self.trainable = [entry["name"] for entry in self.manifest["trainable"]]
-        source = Path(parameters) if parameters is not None else self.bundle_dir / INITIAL_ADAPTER
-        initial = load_parameters(source, self.trainable, {entry["name"]: entry["shape"] for entry in self.manifest["trainable"]})
+        if parameters is not None:
+            initial = load_parameters(Path(parameters), self.trainable,
+                                      {entry["name"]: entry["shape"] for entry in self.manifest["trainable"]})
+        else:  # the bundle's initial adapter: its file and the manifest's zero tensors (ortft/initial_adapter.py)
+            from .initial_adapter import initial_parameters
+
+            initial = initial_parameters(self.bundle_dir, self.manifest)
         self.params = FlatTensors({name: initial[name].shape for name in self.trainable})
         self.params.assign(initial)
         del initial

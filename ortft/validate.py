@@ -110,7 +110,9 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     except Exception as exc:  # ORT raises plain RuntimeError/Fail for unloadable graphs
         report.add("onnxruntime loads both graphs and the initial adapter", False, str(exc).splitlines()[0][:300])
         return report
-    report.add("onnxruntime loads both graphs and the initial adapter", True, f"{len(session.trainable)} trainable tensors")
+    zeros = len(manifest.get("initial_adapter_zeros") or [])
+    report.add("onnxruntime loads both graphs and the initial adapter", True, f"{len(session.trainable)} trainable tensors"
+               + (f", {zeros} of them zeros the manifest lists (not stored)" if zeros else ""))
     expected = [entry["name"] for entry in manifest["trainable"]]
     missing_inputs = [name for name in expected if name not in graph_inputs]
     missing_grads = [name for name in expected if name + GRAD_SUFFIX not in graph_outputs]

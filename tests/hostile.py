@@ -84,9 +84,10 @@ def make_run(run_dir: Path, bundle: Path, adapter: dict | None = None, steps: tu
     written by ortft.run as `ortft train` would (no training needed)."""
     from ortft import run as runs
     from ortft.manifest import manifest_digest
-    from ortft.runtime import INITIAL_ADAPTER
+    from ortft.initial_adapter import initial_parameters
+    from ortft.manifest import read_manifest
 
-    adapter = adapter if adapter is not None else runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = adapter if adapter is not None else initial_parameters(bundle, read_manifest(bundle))
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"format": "ortft-run", "bundle": runs.bundle_reference(run_dir, bundle), "bundle_manifest_sha256": manifest_digest(bundle),
             "task": "causal-lm"}

@@ -337,9 +337,10 @@ def test_adapter_tensors_must_be_float_finite_and_exactly_the_bundles(bundle, da
     refused naming the file, before the run folder exists, so the same command works again with a good file;
     export refuses a checkpoint holding NaN rather than writing a NaN model."""
     from ortft import run as runs
-    from ortft.runtime import INITIAL_ADAPTER
+    from ortft.initial_adapter import initial_parameters
+    from ortft.manifest import read_manifest
 
-    adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = initial_parameters(bundle, read_manifest(bundle))
     first = min(adapter)
     out = tmp_path / "run"
     nan = lambda name, value: np.full_like(value, np.nan) if name == first else value

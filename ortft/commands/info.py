@@ -33,6 +33,10 @@ def summary_lines(manifest: dict) -> list[str]:
         f"weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
         f"created      {manifest['created']} with ortft {manifest['versions']['ortft']}, onnxruntime {manifest['versions']['onnxruntime']}",
     ]
+    zeros = manifest.get("initial_adapter_zeros") or []
+    if zeros:
+        lines.append(f"initial      {len(zeros)} of {len(manifest['trainable'])} trainable tensors start at zero"
+                     " (not stored in initial_adapter.safetensors)")
     lines.extend(quantization_lines(manifest.get("quantization")))
     lines.append("files:")
     for rel, facts in sorted(manifest["files"].items()):

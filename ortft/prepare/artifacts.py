@@ -222,18 +222,19 @@ def generate(
     ORT's gradient builder runs in its own environment (gradient_env.py, a subprocess); then ortft's
     passes: quantized weights, recomputes, frozen weights into FROZEN_DATA, and the lowering of every
     training-only op (ortft/graph/lower_training_ops.py), so that stock onnxruntime runs the graphs.
-    Returns what the graph passes changed (for the manifest); with quantization, also a
+    Returns what the graph passes changed (for the manifest), "frozen_weights", "initial_adapter_zeros"
+    (the trainable tensors left out of the file because they start at zero); with quantization, also a
     "quantization" entry (settings, per-layer bytes and errors, frozen bytes before/after).
     """
     import onnx
 
     with native_write_errors():
         run_gradient_builder(loss_graph, out_dir, verbose)
-        _write_initial_adapter(loss_graph, out_dir / INITIAL_ADAPTER)
+        initial_zeros = _write_initial_adapter(loss_graph, out_dir / INITIAL_ADAPTER)
     blocked = _replace_attention_placeholders(out_dir, attention_chunk_rows)
     frozen_store = _store_frozen_weights(loss_graph, out_dir)
     result = {"blocked_attention": blocked, "attention_chunk_rows": attention_chunk_rows if blocked else 0,
-              "frozen_weights": frozen_store, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
+              "frozen_weights": frozen_store, "initial_adapter_zeros": initial_zeros, "pretransposed_frozen_weights": loss_graph.pretransposed, "loss_chunks": loss_graph.loss_chunks,
               "loss_chunk_rows": loss_graph.loss_chunk_rows, "lora_scales_moved": loss_graph.lora_scales_moved,
               "lora_inputs_shared": loss_graph.lora_inputs_shared}
     if loss_graph.quantizer is not None:
@@ -366,19 +367,24 @@ def _float_bytes(model, trainable: set[str]) -> int:
                    if t.name not in trainable and _is_float(t)))
 
 
-def _write_initial_adapter(loss_graph: LossGraph, path: Path) -> None:
-    """The trainable tensors' starting values (from the loss graph's initializers) as safetensors."""
+def _write_initial_adapter(loss_graph: LossGraph, path: Path) -> list[str]:
+    """The trainable tensors' starting values (from the loss graph's initializers) as safetensors, except
+    those that are all zeros (LoRA's B matrices), whose names it returns for the manifest
+    (ortft/initial_adapter.py fills them in)."""
     import onnx
     from onnx import numpy_helper
 
     from ..fsutil import write_bytes_atomic
+    from ..initial_adapter import split_zero_tensors
     from ..run import adapter_bytes
 
     skeleton = onnx.load(str(loss_graph.path))
     arrays = {tensor.name: numpy_helper.to_array(tensor) for tensor in skeleton.graph.initializer
               if tensor.name in loss_graph.trainable}
     del skeleton
-    write_bytes_atomic(path, adapter_bytes(arrays))
+    stored, zeros = split_zero_tensors(arrays)
+    write_bytes_atomic(path, adapter_bytes(stored))
+    return zeros
 
 
 def _store_frozen_weights(loss_graph: LossGraph, out_dir: Path) -> dict:

@@ -270,6 +270,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                                         attention_chunk_rows=config.attention_chunk_rows)
             quantization_section = passes.pop("quantization", None)
             frozen_weights_section = passes.pop("frozen_weights")
+            initial_adapter_zeros = passes.pop("initial_adapter_zeros")
             if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files
                 from .shared_weights import share_template_weights
 
@@ -301,6 +302,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                     "update": ADAMW_UPDATE,  # the update ortft/optimizer.py makes on the device
                 },
                 "trainable": trainable,
+                "initial_adapter_zeros": initial_adapter_zeros,  # left out of initial_adapter.safetensors
                 "frozen": frozen,
                 "frozen_weights": frozen_weights_section,
                 "num_trainable_parameters": num_trainable,
