@@ -243,7 +243,8 @@ def export_onnx_adapter(bundle_dir: Path | str, manifest: dict, adapter: dict[st
     """Write OUT/{model.onnx, model.onnx.data, genai_config.json, config.json, tokenizer, adapters/NAME.onnx_adapter,
     manifest.json}, or, when OUT already holds an onnx-adapter export of the same bundle, add adapters/NAME.onnx_adapter
     to it (an existing NAME only with `force`). Returns the export manifest (with `added_adapter` when one was added)."""
-    from .export import check_adapter, inference_facts, open_template
+    from .adapter import check_adapter
+    from .export import inference_facts, open_template
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     check_adapter_name(name)

@@ -52,7 +52,8 @@ def export_classifier(kind: str, bundle_dir: Path, manifest: dict, adapter: dict
 def export_merged_classifier(bundle_dir: Path, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                              force: bool = False, source: dict | None = None) -> dict:
     """EXPORT_DIR/{model.onnx, model.onnx.data, config.json, tokenizer files, manifest.json}; returns the manifest."""
-    from .export import check_adapter, verify_bundle_files
+    from .adapter import check_adapter
+    from .export import verify_bundle_files
 
     bundle_dir = Path(bundle_dir)
     check_adapter(manifest, adapter)

@@ -100,7 +100,8 @@ def _nbytes(gguf, shape: list[int], ggml_type) -> int:
 def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                 gguf_type: str = DEFAULT_GGUF_TYPE, force: bool = False, source: dict | None = None) -> dict:
     """OUT/{model.gguf, Modelfile, manifest.json}: the merged model in llama.cpp's layout. Returns the export manifest."""
-    from .export import check_adapter, open_template
+    from .adapter import check_adapter
+    from .export import open_template
 
     if gguf_type not in GGUF_TYPES:
         raise BundleError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of: {', '.join(GGUF_TYPES)}")
@@ -159,7 +160,7 @@ def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.nd
 def export_gguf_lora(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                      force: bool = False, source: dict | None = None) -> dict:
     """OUT/{adapter.gguf, manifest.json}: the adapter as llama.cpp's LoRA. Returns the export manifest."""
-    from .export import check_adapter
+    from .adapter import check_adapter
 
     gguf = gguf_module()
     bundle_dir = Path(bundle_dir)

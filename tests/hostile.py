@@ -83,10 +83,11 @@ def make_run(run_dir: Path, bundle: Path, adapter: dict | None = None, steps: tu
     """A run folder of `bundle` whose checkpoints hold `adapter` (default: the bundle's initial adapter),
     written by ortft.run as `ortft train` would (no training needed)."""
     from ortft import run as runs
+    from ortft.adapter import load_adapter
     from ortft.manifest import manifest_digest
     from ortft.runtime import INITIAL_ADAPTER
 
-    adapter = adapter if adapter is not None else runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = adapter if adapter is not None else load_adapter(bundle / INITIAL_ADAPTER)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"format": "ortft-run", "bundle": runs.bundle_reference(run_dir, bundle), "bundle_manifest_sha256": manifest_digest(bundle),
             "task": "causal-lm"}

@@ -21,8 +21,8 @@ from ortft.export import (
     export_peft,
     export_run,
     merge_weights,
-    resolve_run_checkpoint,
 )
+from ortft.run import resolve_run_checkpoint
 from tiny_bundle import build_bundle, make_run, onnx_logits, torch_logits
 
 ROOT = Path(__file__).resolve().parents[1]

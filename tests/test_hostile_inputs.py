@@ -336,10 +336,11 @@ def test_adapter_tensors_must_be_float_finite_and_exactly_the_bundles(bundle, da
     """--init-adapter: bfloat16 is converted (with a note); int64, bool, NaN, an extra tensor and a huge header are
     refused naming the file, before the run folder exists, so the same command works again with a good file;
     export refuses a checkpoint holding NaN rather than writing a NaN model."""
+    from ortft.adapter import load_adapter
     from ortft import run as runs
     from ortft.runtime import INITIAL_ADAPTER
 
-    adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = load_adapter(bundle / INITIAL_ADAPTER)
     first = min(adapter)
     out = tmp_path / "run"
     nan = lambda name, value: np.full_like(value, np.nan) if name == first else value

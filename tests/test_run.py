@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ortft.adapter import load_adapter
 from ortft import run as runs
 from ortft.errors import DiskWriteError, RunError
 from ortft.fsutil import TEMP_PREFIX
@@ -45,7 +46,7 @@ def test_write_checkpoint_writes_three_files_with_hashes(tmp_path):
     state = runs.read_state(folder)
     assert state["step"] == 3
     assert state["files"] == {name: runs.sha256_file(folder / name) for name in ("adapter.safetensors", "optimizer.safetensors")}
-    loaded = runs.load_adapter(folder / runs.ADAPTER_FILE)
+    loaded = load_adapter(folder / runs.ADAPTER_FILE)
     for name, value in adapter(3).items():
         assert loaded[name].dtype == np.float32 and np.array_equal(loaded[name], value)
     # The run's adapter.safetensors is the newest checkpoint's.
@@ -198,4 +199,4 @@ def test_load_adapter_rejects_a_damaged_file(tmp_path):
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(runs.adapter_bytes(adapter(1))[:20])
     with pytest.raises(RunError, match="not a readable safetensors file"):
-        runs.load_adapter(path)
+        load_adapter(path)

@@ -108,6 +108,7 @@ def test_node_killed_mid_round_is_left_out_and_rejoins(tmp_path_factory, tiny_ll
 
 def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path_factory, tiny_llama):
     from ortft import run as runs
+    from ortft.adapter import load_adapter
     from ortft.federated.aggregate import adapter_sha256
 
     bundle = tiny_bundle(tmp_path_factory, tiny_llama, "llama-fed")
@@ -141,7 +142,7 @@ def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path
     assert "stopped after round 1 of 2" in stderr and "--resume" in stderr and "Traceback" not in stderr, stderr
     assert [r["round"] for r in rounds_of(out)] == [0, 1]
     assert not federation_pids(), "processes of the killed federation outlived it"
-    saved_adapter = adapter_sha256(runs.load_adapter(saved / runs.ADAPTER_FILE))
+    saved_adapter = adapter_sha256(load_adapter(saved / runs.ADAPTER_FILE))
 
     resumed = time.monotonic()
     ok(run_ortft(*args, "--resume", timeout=200))
@@ -157,7 +158,7 @@ def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path
     assert first_round["adapter_in_sha256"] == base["adapter_sha256"]
     assert first_round["adapter_sha256"] == saved_adapter
     assert second_round["adapter_in_sha256"] == saved_adapter != base["adapter_sha256"]
-    assert second_round["adapter_sha256"] == adapter_sha256(runs.load_adapter(out / runs.ADAPTER_FILE))
+    assert second_round["adapter_sha256"] == adapter_sha256(load_adapter(out / runs.ADAPTER_FILE))
     assert second_round["nodes_trained"] == 3 and set(second_round["eval_loss_per_client"]) == set(KINDS)
     log = (out / "logs" / "flwr-run.log").read_text(encoding="utf-8", errors="replace")
     assert f"after round 1 (global adapter sha256 {saved_adapter[:12]})" in log
