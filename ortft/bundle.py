@@ -113,7 +113,7 @@ class BundleManifest(dict):
 
     @property
     def files(self) -> dict[str, dict]:
-        return self.get("files", {})
+        return self.get("files") or {}
 
     @property
     def graph_inputs(self) -> list[dict]:

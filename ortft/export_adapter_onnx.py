@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleManifest
 from .errors import BundleError, ConfigError, OutputExistsError
 from .export_files import write_serving_files
 from .export_manifest import now, read_export_manifest, write_export_manifest
@@ -79,12 +80,13 @@ class AdapterSlot:
 
 def adapter_slots(manifest: dict) -> list[AdapterSlot]:
     """One slot per adapted linear layer of the bundle, in the manifest's order."""
-    if any(entry["role"] == "full" for entry in manifest["trainable"]):
-        names = sorted(entry["name"] for entry in manifest["trainable"] if entry["role"] == "full")
+    trainable = BundleManifest.of(manifest).trainable
+    if any(entry["role"] == "full" for entry in trainable):
+        names = sorted(entry["name"] for entry in trainable if entry["role"] == "full")
         raise BundleError(f"the bundle trains whole modules ({', '.join(names[:3])}), which an adapter file cannot carry",
                           hint="export with --format merged-onnx instead")
     shapes: dict[str, dict] = {}
-    for entry in manifest["trainable"]:
+    for entry in trainable:
         shapes.setdefault(entry["base_weight"], {})[entry["role"]] = entry["shape"]
     slots = []
     for base_weight, roles in shapes.items():
@@ -176,7 +178,7 @@ def _perm(node) -> list[int] | None:
 
 def adapter_tensors(manifest: dict, template, adapter: dict[str, np.ndarray], slots: list[AdapterSlot]) -> dict[str, np.ndarray]:
     """The values of every slot's inputs for one trained adapter."""
-    scale = float(manifest["adapter"]["scale"])
+    scale = float(BundleManifest.of(manifest).adapter["scale"])
     modules: dict[str, AdaptedModule] = adapted_modules(manifest, adapter)
     tensors = {}
     for slot in slots:

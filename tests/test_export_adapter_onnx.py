@@ -10,8 +10,10 @@ import threading
 
 import numpy as np
 import pytest
-from runtime_venvs import run_genai
-from tiny_bundle import build_bundle, make_run, onnx_logits, torch_logits
+from helpers.runtime_venvs import run_genai
+from helpers.bundles import build_bundle
+from helpers.reference import onnx_logits, torch_logits
+from helpers.runs import make_run
 
 from ortft.config import SamplingSettings
 from ortft.errors import BundleError, ConfigError, OutputExistsError

@@ -5,7 +5,7 @@ came for 2 x 30 s, so a SIGKILLed node is reported unavailable ("Node Unavailabl
 (measured here: round 1's record 52-61 s after the kill); the ServerApp polls for replies every 3 s.
 ROUND_TIMEOUT lies above that, and far above what a healthy node needs for a round of these tiny runs (a
 few seconds), so a round waits for Flower's verdict on the dead node and never gives up on a live one:
-each test takes 1-2 minutes.
+each test takes 1-3 minutes, so both are marked slow.
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from train_helpers import ROOT, ok, ortft_command, run_ortft, tiny_bundle
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, ortft_command, run_ortft
+from helpers.federated import FAST_FED, KINDS, federation_pids, shard_args, wait_for, write_shards
+from helpers.paths import ROOT
 
-from .helpers import (
-    FAST_FED,
-    KINDS,
-    federation_pids,
-    shard_args,
-    wait_for,
-    write_shards,
-)
+pytestmark = pytest.mark.slow  # 1-3 minutes each; ./scripts/test.sh runs them, -m "not slow" leaves them out
 
 ROUND_TIMEOUT = 90.0  # > the 60 s after which Flower reports a dead node unavailable
 NODE_ONLY = {"rounds": 2, "local-steps": 2, "lr": 3e-3, "batch-size": 4, "seq-len": 128, "round-timeout": ROUND_TIMEOUT}

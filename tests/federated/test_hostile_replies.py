@@ -28,7 +28,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
-from train_helpers import tiny_bundle, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.data import write_text_data
 
 from ortft.adapter import load_adapter
 from ortft import run as runs

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from tiny_bundle import onnx_logits
+from helpers.reference import onnx_logits
 
 from ortft.export import export_merged_onnx
 from ortft.export_adapter_onnx import export_onnx_adapter
@@ -19,7 +19,8 @@ from ortft.inference_template import DEQUANTIZE_SESSION_CONFIG, InferenceTemplat
 from ortft.manifest import load_verified
 from ortft.runtime import FROZEN_DATA, QUANTIZED_DATA
 
-from .helpers import prepare_tiny, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import torch_peft_model
 
 
 def _input_ids(seed: int = 0) -> np.ndarray:
