@@ -204,7 +204,7 @@ def peft_adapter_config(manifest: dict) -> dict:
     modules_to_save = list(settings.get("modules_to_save") or []) or None
     return {
         "peft_type": "LORA",
-        "task_type": settings.get("task_type") or ("CAUSAL_LM" if manifest.get("task") == "causal-lm" else "SEQ_CLS"),
+        "task_type": settings.get("task_type") or ("CAUSAL_LM" if manifest.task == "causal-lm" else "SEQ_CLS"),
         "base_model_name_or_path": manifest.source.get("path"),
         "revision": None,
         "inference_mode": True,
@@ -239,7 +239,7 @@ def _layers_to_transform(manifest: dict) -> list[int] | None:
 
 
 def inference_facts(manifest: dict) -> dict:
-    section = manifest["inference"]
+    section = BundleManifest.of(manifest).inference
     return {key: section[key] for key in ("inputs", "outputs", "num_layers", "num_key_value_heads", "head_dim") if key in section}
 
 
