@@ -68,7 +68,7 @@ def test_release_idle_memory_unmaps_the_frozen_weights_pages(tiny_llama, tmp_pat
     they read back from the page cache, unchanged."""
     from helpers.bundles import prepare_tiny
     from helpers.reference import batch_for
-    from test_memory import _resident_kb
+    from helpers.memory import resident_kb
 
     from ortft.runtime import FROZEN_DATA, TrainingSession
 
@@ -78,9 +78,9 @@ def test_release_idle_memory_unmaps_the_frozen_weights_pages(tiny_llama, tmp_pat
     session.train_step_forward_backward(batch)
     before = _loss(session.evaluate(batch))
     store = tmp_path / "bundle" / FROZEN_DATA
-    assert _resident_kb(store) * 1024 >= 0.9 * manifest["frozen_weights"]["bytes"]
+    assert resident_kb(store) * 1024 >= 0.9 * manifest["frozen_weights"]["bytes"]
     session.release_idle_memory()
-    assert _resident_kb(store) < 64
+    assert resident_kb(store) < 64
     assert _loss(session.evaluate(batch)) == before
 
 

@@ -6,7 +6,8 @@ runs           run folders without training (`make_run`), a run's metrics and ad
 cli            `ortft` in a subprocess (`run_ortft`, `ok`, `user_error`), the device-side import block
 data           JSONL files a tiny model learns
 tokenizers     a tiny BPE tokenizer with ChatML tokens, as an object or a Hugging Face folder
-reference      PyTorch + PEFT twins, random batches and adapters, sessions trained side by side
+reference      PyTorch + PEFT twins, random batches and adapters, sessions trained side by side, logits of exports
+memory         what this process holds mapped (/proc/self/smaps)
 reference_runtime  graphs run with ORT's training build (reference_worker.py, in the gradient builder's venv)
 tiny_gguf      tiny GGUF files (GPT-2 and SentencePiece vocabularies)
 hostile        tampering with a bundle as an attacker would

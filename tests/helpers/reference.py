@@ -126,3 +126,20 @@ def torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(input_ids)).logits.numpy()
+
+
+def onnx_adapter_logits(folder, name, input_ids):
+    """Logits with onnxruntime's own adapter API (RunOptions.add_active_adapter)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(folder / "adapters" / f"{name}.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
+    return session.run(["logits"], feeds, options)[0]
