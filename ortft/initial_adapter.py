@@ -60,7 +60,7 @@ def with_zero_tensors(stored: dict[str, np.ndarray], zero_shapes: dict[str, list
 def read_initial_adapter(bundle_dir: Path | str, manifest: dict) -> dict[str, np.ndarray]:
     """Every trainable tensor's starting value, keyed by graph name, float32: the file's tensors and the
     manifest's zeros (not checked against the manifest's trainable set: `load_parameters` does that)."""
-    from .run import load_adapter
+    from .adapter import load_adapter
     from .runtime import INITIAL_ADAPTER
 
     path = Path(bundle_dir) / INITIAL_ADAPTER

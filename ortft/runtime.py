@@ -18,15 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, QUANTIZED_DATA, TRAINING_GRAPH, BundleManifest
 from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
-FROZEN_DATA = "frozen_weights.data"  # the frozen float weights, initializers of both graphs
-TRAINING_GRAPH = "training_model.onnx"
-EVAL_GRAPH = "eval_model.onnx"
-INITIAL_ADAPTER = "initial_adapter.safetensors"  # the trainable tensors' starting values
 GRAD_SUFFIX = "_grad"  # the training graph's output for trainable tensor NAME is NAME_grad
 
 
@@ -142,7 +138,7 @@ def without_arena(options) -> None:
 def load_parameters(path: Path, names: list[str], shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """The trainable tensors from a safetensors file, as float32 arrays keyed by graph name (with `shapes`,
     {name: shape} of the manifest, exactly those tensors with those shapes)."""
-    from .run import load_adapter
+    from .adapter import load_adapter
 
     return fit_parameters(load_adapter(path), names, shapes, str(path))
 
@@ -200,11 +196,10 @@ class TrainingSession:
         ort = onnxruntime_module()
         set_log_level(verbose)
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        self.trainable = [entry["name"] for entry in self.manifest["trainable"]]
+        self.manifest = BundleManifest.of(manifest) if manifest is not None else read_manifest(self.bundle_dir)
+        self.trainable = self.manifest.trainable_names
         if parameters is not None:
-            initial = load_parameters(Path(parameters), self.trainable,
-                                      {entry["name"]: entry["shape"] for entry in self.manifest["trainable"]})
+            initial = load_parameters(Path(parameters), self.trainable, self.manifest.trainable_shapes)
         else:  # the bundle's initial adapter: its file and the manifest's zero tensors (ortft/initial_adapter.py)
             from .initial_adapter import initial_parameters
 
@@ -215,7 +210,7 @@ class TrainingSession:
         self.grads = FlatTensors(self.params.shapes)
         self._micro_grads = FlatTensors(self.params.shapes)  # the second and later micro-batches' gradients
         self.micro_batches = 0
-        self.optimizer = AdamW(self.params, AdamWSettings.from_manifest(self.manifest.get("optimizer", {}))) \
+        self.optimizer = AdamW(self.params, AdamWSettings.from_manifest(self.manifest.optimizer)) \
             if with_optimizer else None
         self.providers = providers or [("CPUExecutionProvider", {})]
         self.threads = threads

@@ -26,11 +26,13 @@ import click
 import numpy as np
 
 from . import run as runs
+from .adapter import read_initial_adapter
 from .config import TrainConfig
-from .data import BatchIterator, DataConfig, LoaderPosition, iter_eval_batches, load_train_and_valid
+from .data import BatchIterator, DataConfig, LoaderPosition, load_train_and_valid
 from .errors import ConfigError, RunError, TrainingDivergedError
+from .evaluate import EvalResult, evaluate, scalar
 from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
-from .manifest import bundle_digests, manifest_digest
+from .manifest import manifest_digest
 from .optimizer import ADAMW_UPDATE
 from .schedule import learning_rate
 from .threads import default_threads
@@ -48,11 +50,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (Linux reports KB)."""
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage / 1024.0 if sys.platform != "darwin" else usage / (1024.0 * 1024.0)
-
-
-def scalar(outputs) -> float:
-    first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-    return float(np.asarray(first))
 
 
 @dataclass
@@ -113,66 +110,6 @@ class MetricsLog:
 
 
 @dataclass
-class EvalResult:
-    loss: float
-    tokens: int
-    examples: int
-    accuracy: float | None = None
-    precision: float | None = None  # token-cls: strict IOB2 entity scores (ortft/metrics.py)
-    recall: float | None = None
-    f1: float | None = None
-
-    @property
-    def perplexity(self) -> float:
-        return float(math.exp(min(self.loss, 700.0)))
-
-    def as_record(self, prefix: str = "eval_") -> dict:
-        record = {f"{prefix}loss": self.loss, f"{prefix}tokens": self.tokens}
-        if self.accuracy is None:
-            record[f"{prefix}perplexity"] = self.perplexity
-        else:
-            record[f"{prefix}accuracy"] = self.accuracy
-        for name in ("precision", "recall", "f1"):
-            if getattr(self, name) is not None:
-                record[f"{prefix}{name}"] = getattr(self, name)
-        return record
-
-
-def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: int | None = None) -> EvalResult:
-    """Token-weighted mean loss over a dataset (and accuracy for seq-cls; token accuracy and entity
-    precision, recall and F1 for token-cls), with the eval graph."""
-    from .metrics import TokenClassificationScores
-
-    token_scores = TokenClassificationScores(data_config.label_names or []) if task == "token-cls" else None
-    total_loss = 0.0
-    total_tokens = 0
-    examples = 0
-    correct = 0
-    session.release_idle_memory()  # the training step's freed heap and mapped weights go first (peak RSS)
-    try:
-        for batch in iter_eval_batches(dataset, data_config, max_batches):
-            if batch.num_label_tokens == 0:
-                continue
-            outputs = session.evaluate(batch.inputs)
-            loss = scalar(outputs)
-            total_loss += loss * batch.num_label_tokens
-            total_tokens += batch.num_label_tokens
-            examples += batch.num_examples
-            if task == "seq-cls":
-                logits = np.asarray(outputs[1])
-                correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
-            elif token_scores is not None:
-                token_scores.add(np.asarray(outputs[1]), batch.inputs["labels"])
-    finally:
-        session.release_idle_memory()
-    if total_tokens == 0:
-        raise RunError("the validation data holds no position to evaluate", hint="check the validation file")
-    if token_scores is not None:
-        return EvalResult(total_loss / total_tokens, total_tokens, examples, **token_scores.result())
-    return EvalResult(total_loss / total_tokens, total_tokens, examples, correct / examples if task == "seq-cls" else None)
-
-
-@dataclass
 class RunPlan:
     total_steps: int
     batches_per_epoch: int
@@ -215,7 +152,7 @@ def _resume_state(config: TrainConfig, run_dir: Path, bundle_digest: str, data_s
     if not config.resume:
         return None, None
     run_info = runs.read_run(run_dir)
-    if run_info.get("bundle_manifest_sha256") not in bundle_digests(Path(config.bundle)):
+    if not runs.trained_on(run_info, Path(config.bundle)):
         raise RunError(
             f"the bundle changed since run {run_dir} began (manifest sha256 differs)",
             hint="resume with the same bundle, or start a new run with another --out",
@@ -270,18 +207,6 @@ def _report_placement(session, providers, batch_inputs: dict, quiet: bool) -> di
     return counts
 
 
-def read_initial_adapter(manifest: dict, path: Path) -> dict[str, np.ndarray]:
-    """`--init-adapter`: a safetensors file holding exactly the bundle's trainable tensors, finite float32/float16
-    (bfloat16 converted); checked before the run folder is made, so a bad file leaves nothing behind."""
-    from .export import check_adapter, load_adapter
-
-    if not Path(path).is_file():
-        raise ConfigError(f"--init-adapter {path} is not a file", hint="pass the adapter.safetensors of a run or of `ortft export --format adapter`")
-    adapter = load_adapter(path)
-    check_adapter(manifest, adapter, where=str(path))
-    return adapter
-
-
 def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     """Run (or resume) training as `config` says; returns the summary also written to summary.json.
 
@@ -302,16 +227,16 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         check_output_dir(run_dir, force=False)
     if config.resume and not runs.is_run_dir(run_dir):
         raise RunError(f"--resume: {run_dir} is not a run folder", hint="drop --resume to start a new run there")
-    task = manifest["task"]
-    max_len = int(manifest["model"]["max_seq_len"])
+    task = manifest.task
+    max_len = manifest.max_seq_len
     if config.seq_len > max_len:
         raise ConfigError(f"--seq-len {config.seq_len} exceeds the bundle's max_seq_len {max_len}", hint=f"use at most {max_len}")
     providers = resolve_for_training(config.provider)
     device = describe_providers(providers)
     threads = config.threads or default_threads()
 
-    tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
-    data_config = DataConfig.from_train_config(config, task=task, label_names=manifest.get("labels"))
+    tokenizer = load_tokenizer(manifest.tokenizer_path(bundle))
+    data_config = DataConfig.from_train_config(config, task=task, label_names=manifest.labels)
     train_set, valid_set = load_train_and_valid(config.data, tokenizer, data_config, config.valid, config.valid_fraction)
     data_sha = {"train": train_set.sha256}
     if config.valid:
@@ -348,7 +273,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         notes.append(f"{stats.num_truncated} training examples were longer than --seq-len {config.seq_len} and were truncated")
     if stats.num_without_labels:
         notes.append(f"{stats.num_without_labels} training examples had no token left to learn from and were dropped")
-    if manifest.get("optimizer", {}).get("update") != ADAMW_UPDATE:
+    if manifest.optimizer.get("update") != ADAMW_UPDATE:
         notes.append("this bundle was prepared with the old transformers.AdamW update; ortft now always makes "
                      "PyTorch's AdamW update (its losses differ from runs made before)")
     notes.extend(tokenizer_notes(bundle, manifest))  # a GGUF bundle prepared before its tokenizer kept the GGUF's tokens
@@ -364,7 +289,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
                            hint="start a new run with --init-adapter pointing at its adapter.safetensors")
         session.load_optimizer_state(*saved_optimizer)
     _seed_ort(config.seed + start_step)
-    trainable = [entry["name"] for entry in manifest["trainable"]]
+    trainable = manifest.trainable_names
     for name, value in (init_adapter or {}).items():  # e.g. a global adapter in federated training
         session.set_parameter(name, value)
     # A resume keeps the records up to its checkpoint; a run that starts (over) at step 0 keeps none.

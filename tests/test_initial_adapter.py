@@ -9,12 +9,15 @@ import shutil
 
 import numpy as np
 import pytest
-from train_helpers import FAST, ok, read_adapter, run_ortft, tiny_bundle, train_losses, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.cli import FAST, ok, run_ortft
+from helpers.data import write_text_data
+from helpers.runs import read_adapter, train_losses
 
 from ortft.errors import UserError
 from ortft.initial_adapter import ZEROS_KEY, initial_parameters, split_zero_tensors
 from ortft.manifest import read_manifest, write_manifest
-from ortft.run import adapter_bytes, load_adapter
+from ortft.adapter import adapter_bytes, load_adapter
 from ortft.runtime import INITIAL_ADAPTER, TrainingSession
 
 

@@ -46,18 +46,10 @@ _NOT_RESUMED = ("bundle", "out", "resume", "extra", "verbose")
 
 def recorded_config(run_dir: str) -> dict:
     """The settings a run folder's config.json recorded ({} if it has none), for --resume."""
-    import json
+    from ..run import read_config
 
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is damaged ({exc}); cannot take the run's settings from it",
-                          hint="give every setting on the command line, or start a new run") from exc
     known = {f.name for f in fields(TrainConfig)} - set(_NOT_RESUMED)
-    return {name: value for name, value in recorded.items() if name in known} if isinstance(recorded, dict) else {}
+    return {name: value for name, value in read_config(run_dir).items() if name in known}
 
 
 def build_config(ctx: click.Context, values: dict) -> TrainConfig:

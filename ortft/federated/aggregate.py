@@ -73,5 +73,5 @@ def initial_adapter(bundle: Path | str, manifest: dict) -> tuple[dict[str, np.nd
     adapter = initial_parameters(bundle, manifest)
     frozen = int((manifest.get("frozen_weights") or {}).get("bytes", 0))
     if frozen == 0:
-        frozen = int(manifest.get("model", {}).get("num_parameters", 0)) * 4
+        frozen = int(manifest.model.get("num_parameters", 0)) * 4
     return adapter, frozen

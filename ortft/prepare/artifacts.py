@@ -54,7 +54,7 @@ from ..graph.share_dequantized import ShareDequantized
 from ..graph.shared_lora_input import ShareLoraInput
 from ..graph.transposed_gemm import TransposeIntoGemm
 from ..optimizer import ADAMW_UPDATE  # noqa: F401  (the manifest names the update ortft makes)
-from ..runtime import (
+from ..bundle import (
     EVAL_GRAPH,
     FROZEN_DATA,
     INITIAL_ADAPTER,
@@ -375,8 +375,8 @@ def _write_initial_adapter(loss_graph: LossGraph, path: Path) -> list[str]:
     from onnx import numpy_helper
 
     from ..fsutil import write_bytes_atomic
+    from ..adapter import adapter_bytes
     from ..initial_adapter import split_zero_tensors
-    from ..run import adapter_bytes
 
     skeleton = onnx.load(str(loss_graph.path))
     arrays = {tensor.name: numpy_helper.to_array(tensor) for tensor in skeleton.graph.initializer

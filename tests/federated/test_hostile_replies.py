@@ -28,8 +28,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
-from train_helpers import tiny_bundle, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.data import write_text_data
 
+from ortft.adapter import load_adapter
 from ortft import run as runs
 from ortft.federated import client_app
 from ortft.federated.aggregate import weighted_mean
@@ -157,7 +159,7 @@ def test_a_bad_training_reply_is_that_nodes_failure_and_the_round_goes_on(bundle
     start = initial_parameters(bundle, read_manifest(bundle))
     expected = weighted_mean([{k: v + np.float32(HONEST_STEP * node) for k, v in start.items()} for node in (1, 2)],
                              [HONEST_EXAMPLES[1], HONEST_EXAMPLES[2]])
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     for name in start:
         np.testing.assert_allclose(saved[name], expected[name], rtol=0, atol=1e-7)
 
@@ -190,7 +192,7 @@ def test_robust_strategies_keep_a_bounded_outlier_out(bundle, tmp_path, strategy
     record = run_federation(grid, settings_for(bundle, tmp_path / "run", strategy=strategy, min_nodes=5))
     assert not record["train_failures"]
     start = initial_parameters(bundle, read_manifest(bundle))
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     for name in start:
         moved = saved[name] - start[name]
         assert moved.max() <= 2 * HONEST_STEP + 1e-7 and moved.min() >= HONEST_STEP - 1e-7, (strategy, name)
@@ -203,7 +205,7 @@ def test_dp_clipping_bounds_every_update(bundle, tmp_path):
     grid = FakeGrid({1: honest(1), 2: honest(2), ATTACKER: honest(2)})
     run_federation(grid, settings)
     start = initial_parameters(bundle, read_manifest(bundle))
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     norm = math.sqrt(sum(float(np.sum((saved[k].astype(np.float64) - start[k]) ** 2)) for k in start))
     assert 0 < norm <= 0.001 + 1e-6
 

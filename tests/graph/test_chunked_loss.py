@@ -122,7 +122,8 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
     """Same losses (training and evaluation) and the same adapter weights after three AdamW steps."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     fused = prepare_tiny(tiny_llama, tmp_path / "fused", loss_chunks=0)
     chunked = prepare_tiny(tiny_llama, tmp_path / "chunked", loss_chunks=3, loss_chunk_rows=1)  # three real slices

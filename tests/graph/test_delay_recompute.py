@@ -77,7 +77,8 @@ def test_a_bundle_trains_the_same_with_delayed_clones(tiny_llama, tmp_path, monk
     from ortft.prepare import artifacts
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     delayed = prepare_tiny(tiny_llama, tmp_path / "delayed")
     with monkeypatch.context() as patch:

@@ -108,7 +108,8 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
     """Same losses and the same adapter weights after three steps (the gradients are the same)."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     plain = prepare_tiny(tiny_llama, tmp_path / "plain", recompute_activations=False)
     recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed")  # the default

@@ -83,7 +83,8 @@ def test_a_bundle_with_a_quantized_tied_table_trains_as_without_the_pass(tiny_mo
     import ortft.prepare.artifacts as artifacts
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     tied = tiny_model_factory("llama", tie_word_embeddings=True)
     shared = prepare_tiny(tied, tmp_path / "shared", quantize=scheme, quantize_embeddings=True)

@@ -73,7 +73,8 @@ def test_a_bundle_with_shared_lora_inputs_trains_exactly_like_one_without(tiny_l
     from ortft.graph.base import PassResult
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     shared = prepare_tiny(tiny_llama, tmp_path / "shared")
     with monkeypatch.context() as patch:

@@ -7,7 +7,8 @@ import onnx
 import pytest
 
 from ortft.commands.info import summary_lines
-from prepare.helpers import batch_for, prepare_tiny, randomize_adapters, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for, randomize_adapters, torch_peft_model
 
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 1.0

@@ -11,7 +11,8 @@ from ortft.manifest import load_verified
 from ortft.runtime import FROZEN_DATA, TrainingSession
 from ortft.validate import validate_bundle
 
-from .helpers import batch_for, prepare_tiny, randomize_adapters, torch_loss, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for, randomize_adapters, torch_loss, torch_peft_model
 
 ARCHITECTURES = [
     ("llama", "causal-lm", {}),

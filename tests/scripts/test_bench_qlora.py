@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prepare.helpers import prepare_tiny
+from helpers.bundles import prepare_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
