@@ -1,6 +1,7 @@
 """Lower the training-only ops of a bundle folder's two graphs, in place (prepare, and `ortft upgrade` on a device).
 
 Needs onnx and numpy only. Returns, per graph file, what `LowerTrainingOps` rewrote (for the manifest).
+Then `PortableOps` (ortft/graph/portable_ops.py) rewrites what OpenVINO's provider mishandles.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ def lower_training_graphs(folder: Path) -> dict:
     import onnx
 
     from .lower_training_ops import LowerTrainingOps
+    from .portable_ops import PortableOps
 
     lowered = {}
     for file_name in GRAPH_FILES:
@@ -23,7 +25,8 @@ def lower_training_graphs(folder: Path) -> dict:
         lowering = LowerTrainingOps()
         result = lowering.call(graph)
         lowered[file_name] = dict(lowering.lowered)
-        if result.modified:
+        portable = PortableOps().call(graph)
+        if result.modified or portable.modified:
             onnx.save_model(graph, str(path))
         del graph
     return lowered

@@ -313,12 +313,16 @@ def _recompute_activations(path: Path) -> dict:
 
 def _delay_recomputation(path: Path) -> int:
     """Make every recomputed clone wait for the backward pass (ortft/graph/delay_recompute.py); returns
-    how many clone chains now do (manifest `recomputation_delayed`)."""
+    how many clone chains now do (manifest `recomputation_delayed`). Its waits use Size, which
+    PortableOps (ortft/graph/portable_ops.py) then rewrites as after the lowering."""
     import onnx
+
+    from ..graph.portable_ops import PortableOps
 
     graph = onnx.load(str(path), load_external_data=False)
     count = DelayRecomputation().call(graph).count
     if count:
+        PortableOps().call(graph)
         onnx.save_model(graph, str(path))
     return count
 
