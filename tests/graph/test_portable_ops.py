@@ -83,7 +83,7 @@ def test_size_becomes_the_product_of_the_shape():
 
 @pytest.mark.slow
 def test_prepared_bundle_has_no_size_and_no_transposed_gemm(tiny_llama, tmp_path):
-    from train_helpers import ok, run_ortft
+    from helpers.cli import ok, run_ortft
 
     bundle = tmp_path / "bundle"
     ok(run_ortft("prepare", tiny_llama, "--out", bundle, "--rank", "4", "--alpha", "8"))
