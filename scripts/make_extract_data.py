@@ -100,17 +100,13 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
     return files
 
 
-def to_jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
     args = parser.parse_args(argv)
     folder = args.out / "extract"
     for name, records in build(random.Random(SEED)).items():
-        write_text_atomic(folder / name, to_jsonl(records))
+        write_text_atomic(folder / name, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         print(f"{folder / name}: {len(records)} chats")
 
 
