@@ -229,8 +229,8 @@ class PrefixCachedSession:
             for index, b in enumerate(missing):
                 if keys[b] not in self.store:  # the same row twice in one batch is stored once
                     self.store.put(keys[b], computed[index, :lengths[b]])
+                    self.store.stats.misses += 1
                 hidden[b, :lengths[b]] = computed[index, :lengths[b]]
-            self.store.stats.misses += len(missing)
         computed_rows = set(missing)
         for b, key in enumerate(keys):
             if b not in computed_rows:
@@ -279,3 +279,20 @@ def expected_batches(batches, valid_set, data_config, max_eval_batches: int | No
     if valid_set is not None:
         for batch in iter_eval_batches(valid_set, data_config, max_eval_batches):
             yield batch.inputs
+
+
+def cached_loss(bundle_dir: Path, manifest: dict, batch: dict, threads: int | None = None) -> float:
+    """The loss the prefix graph and the suffix eval graph give for `batch` with the initial adapter
+    (`ortft validate` compares it with the full eval graph's)."""
+    from .runtime import TrainingSession
+
+    section = prefix_cache_section(manifest, Path(bundle_dir))
+    session = TrainingSession(bundle_dir, threads=threads, with_optimizer=False, manifest=manifest,
+                              graphs=suffix_graphs(section))
+    with tempfile.TemporaryDirectory(prefix="ortft-prefix-check-") as scratch:
+        cached = open_prefix_cache(session, section, Path(scratch), 1.0)
+        try:
+            outputs = cached.evaluate(batch)
+        finally:
+            cached.close()
+    return float(np.asarray(outputs[0] if isinstance(outputs, list) else outputs))
