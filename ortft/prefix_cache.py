@@ -81,6 +81,7 @@ class HiddenStateStore:
         self._spill_fd: int | None = None
         self._spill_path: Path | None = None
         self._spill_end = 0
+        remove_stale_spill_files(self.folder)
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._memory or key in self._spilled
@@ -133,6 +134,17 @@ class HiddenStateStore:
                 self._spill_path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def remove_stale_spill_files(folder: Path) -> None:
+    """Remove spill files in `folder` left by a training process that was killed (its pid is gone)."""
+    from .fsutil import _process_alive
+
+    for path in Path(folder).glob(SPILL_PREFIX + "*.f32"):
+        pid = path.name[len(SPILL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            log.warning("removed %s, left by an interrupted run (process %s is gone)", path, pid)
 
 
 def row_key(input_ids: np.ndarray, position_ids: np.ndarray) -> bytes:

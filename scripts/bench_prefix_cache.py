@@ -8,6 +8,7 @@ and the largest relative difference between the two runs' losses, step for step.
 
     python scripts/bench_prefix_cache.py [--bundle DIR] [--work artifacts/bench-prefix-cache] [--examples 64]
         [--epochs 3] [--repeats 1] [--threads N] [--json OUT.json] [-- extra `ortft train` flags]
+    python scripts/bench_prefix_cache.py --steady-batches 8 [--rounds 2]   # steps of epochs 2-3 only, in one process
 """
 
 from __future__ import annotations
@@ -83,6 +84,51 @@ def read_run(run: Path) -> dict:
     }
 
 
+def steady_state(bundle: Path, data: Path, batch_count: int, rounds: int, threads: int | None) -> dict:
+    """In one process, alternating per batch: a full training step (prefix recomputed, as without the
+    cache) against a cached step (suffix graphs only, as in epochs 2-3), over the first `batch_count`
+    batches of 4; the cache is filled first. Alternating keeps a loaded host's swings out of the ratio."""
+    import numpy as np
+
+    from ortft.data import BatchIterator, DataConfig, load_dataset
+    from ortft.manifest import read_manifest
+    from ortft.prefix_cache import open_prefix_cache, prefix_cache_section, suffix_graphs
+    from ortft.runtime import TrainingSession
+    from ortft.tokenizer import load_tokenizer
+
+    manifest = read_manifest(bundle)
+    config = DataConfig(seq_len=512, batch_size=4, seed=0)
+    dataset = load_dataset(data, load_tokenizer(bundle / manifest["tokenizer"]["dir"]), config)
+    batches = [batch for _, batch in zip(range(batch_count), BatchIterator(dataset, config).epoch_batches(0))]
+    full = TrainingSession(bundle, threads=threads, manifest=manifest)
+    section = prefix_cache_section(manifest, bundle)
+    cached = open_prefix_cache(TrainingSession(bundle, threads=threads, manifest=manifest, graphs=suffix_graphs(section)),
+                               section, Path(bundle).parent, None)
+    fill_start = time.perf_counter()
+    for batch in batches:
+        cached.suffix_inputs(batch.inputs)
+    fill_seconds = time.perf_counter() - fill_start
+    seconds = {"full": 0.0, "cached": 0.0}
+    losses = {"full": [], "cached": []}
+    tokens = 0
+    for round_index in range(rounds + 1):  # round 0 warms both sessions up
+        for batch in batches:
+            for kind, session in (("full", full), ("cached", cached)):
+                start = time.perf_counter()
+                loss = float(np.asarray(session.train_step_forward_backward(batch.inputs)))
+                session.optimizer_step(2e-4)
+                if round_index:
+                    seconds[kind] += time.perf_counter() - start
+                losses[kind].append(loss)
+            tokens += batch.num_tokens if round_index else 0
+    cached.close()
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["cached"], losses["full"]))
+    return {"batches": len(batches), "rounds": rounds, "tokens": tokens,
+            "full_tokens_per_s": tokens / seconds["full"], "cached_tokens_per_s": tokens / seconds["cached"],
+            "speedup": seconds["full"] / seconds["cached"], "fill_seconds": fill_seconds,
+            "max_relative_loss_difference": worst}
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -98,12 +144,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind, alternating")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--steady-batches", type=int, default=0,
+                        help="instead of whole runs: N batches, full and cached steps alternating in one process")
+    parser.add_argument("--rounds", type=int, default=2, help="with --steady-batches: measured passes over them")
     parser.add_argument("extra", nargs="*", help="more `ortft train` flags (after --)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bundle = ensure_bundle(args)
     data = first_examples(args.examples, work)
+    if args.steady_batches:
+        result = steady_state(bundle, data, args.steady_batches, args.rounds, args.threads)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
     results: dict[str, list[dict]] = {"cached": [], "uncached": []}
     for repeat in range(args.repeats):
         for kind in ("cached", "uncached"):

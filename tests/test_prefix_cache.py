@@ -167,3 +167,18 @@ def test_budget_from_the_flag_or_free_memory():
     assert budget_bytes(1.5) == int(1.5 * 1024 * 1024)
     assert budget_bytes(0) == 0
     assert budget_bytes(None) > 0
+
+
+def test_a_killed_run_s_spill_file_is_removed_by_the_next_store(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{SPILL_PREFIX}{int(gone.stdout)}-abcd1234.f32"
+    stale.write_bytes(b"\0" * 16)
+    mine = HiddenStateStore(hidden_size=2, budget=0, folder=tmp_path)
+    mine.put(b"k", np.ones((1, 2), np.float32))
+    assert not stale.exists() and mine.spill_path.exists()
+    HiddenStateStore(hidden_size=2, budget=0, folder=tmp_path)  # a live process's file stays
+    assert mine.spill_path.exists()
+    mine.close()
