@@ -12,7 +12,8 @@ import pytest
 from ortft.config import TrainConfig
 from ortft.prefix_cache import SPILL_PREFIX, HiddenStateStore, batch_row_keys, budget_bytes
 from ortft.train import train
-from train_helpers import read_metrics, tiny_bundle
+from helpers.bundles import tiny_bundle
+from helpers.runs import read_metrics
 
 RELATIVE = 1e-4
 _WORDS = ["Paris", "France", "hello", "world", "capital", "answer", "six", "seven", "river", "mountain"]

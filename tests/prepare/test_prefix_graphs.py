@@ -11,8 +11,8 @@ import onnx
 from ortft.prefix_cache import cached_loss
 from ortft.runtime import TrainingSession
 from ortft.validate import validate_bundle
-from prepare.helpers import batch_for
-from train_helpers import tiny_bundle
+from helpers.bundles import tiny_bundle
+from helpers.reference import batch_for
 
 
 def test_layers_n_bundle_holds_prefix_and_suffix_graphs_that_share_its_weights(tmp_path_factory, tiny_model_factory):
