@@ -186,10 +186,13 @@ class TrainingSession:
     `parameters` (a safetensors file, or None for the bundle's initial adapter) gives the starting
     values. `providers` is ORT's providers list ([(name, options), ...]; CPU when None): ORT places
     each node on the first provider that can run it. `with_optimizer=False` skips AdamW's state.
+    `graphs` (training graph, eval graph) names other graph files of the bundle with the same trainable
+    tensors: the frozen-prefix cache's suffix graphs (ortft/prefix_cache.py).
     """
 
     def __init__(self, bundle_dir, parameters=None, providers=None, threads: int | None = None,
-                 verbose: bool = False, with_optimizer: bool = True, manifest: dict | None = None):
+                 verbose: bool = False, with_optimizer: bool = True, manifest: dict | None = None,
+                 graphs: tuple[str, str] | None = None):
         from .manifest import read_manifest
         from .optimizer import AdamW, AdamWSettings, FlatTensors
 
@@ -216,6 +219,7 @@ class TrainingSession:
         self.threads = threads
         self.verbose = verbose
         self.quantized = (self.bundle_dir / QUANTIZED_DATA).exists()
+        self.training_graph, self.eval_graph = graphs or (TRAINING_GRAPH, EVAL_GRAPH)
         self._ort = ort
         self._train_session = None
         self._eval_session = None
@@ -249,13 +253,13 @@ class TrainingSession:
     @property
     def train_session(self):
         if self._train_session is None:
-            self._train_session = self._session(TRAINING_GRAPH)
+            self._train_session = self._session(self.training_graph)
         return self._train_session
 
     @property
     def eval_session(self):
         if self._eval_session is None:
-            self._eval_session = self._session(EVAL_GRAPH)
+            self._eval_session = self._session(self.eval_graph)
         return self._eval_session
 
     @property
@@ -362,4 +366,4 @@ class TrainingSession:
         """Nodes per execution provider of the training graph, from one profiled run (a separate session)."""
         feeds = {name: np.ascontiguousarray(batch[name]) for name in self.input_names}
         feeds.update(self.params.to_dict(copy=False))
-        return node_placement(str(self.bundle_dir / TRAINING_GRAPH), self._options(), self.providers, feeds)
+        return node_placement(str(self.bundle_dir / self.training_graph), self._options(), self.providers, feeds)

@@ -34,6 +34,7 @@ from .evaluate import EvalResult, evaluate, scalar
 from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
 from .manifest import manifest_digest
 from .optimizer import ADAMW_UPDATE
+from .prefix_cache import expected_batches, open_prefix_cache, prefix_cache_section, suffix_graphs
 from .schedule import learning_rate
 from .threads import default_threads
 from .validate import require_valid
@@ -280,8 +281,13 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
     for note in notes:
         click.echo(f"note: {note}", err=True)
 
+    prefix_section = prefix_cache_section(manifest, bundle) if config.prefix_cache else None  # issue 26
     session = TrainingSession(bundle, parameters=(resume_folder / runs.ADAPTER_FILE) if resume_folder else None,
-                              providers=providers, threads=threads, verbose=config.verbose, manifest=manifest)
+                              providers=providers, threads=threads, verbose=config.verbose, manifest=manifest,
+                              graphs=suffix_graphs(prefix_section))
+    if prefix_section:  # the suffix graphs, fed each row's prefix output, computed once (ortft/prefix_cache.py)
+        session = open_prefix_cache(session, prefix_section, run_dir, config.prefix_cache_mb, expected_batches(
+            batches, valid_set, data_config, config.max_eval_batches))
     if resume_folder:
         saved_optimizer = runs.read_optimizer_state(resume_folder)
         if saved_optimizer is None:
@@ -404,6 +410,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         if progress is not None:
             progress.close()
         metrics.close()
+        if prefix_section:
+            session.close()  # removes the cache's spill file
 
     finished = step >= plan.total_steps
     summary = {
@@ -422,6 +430,7 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "provider": device,
         "nodes_per_provider": placement or None,
+        "prefix_cache": session.store.stats.to_dict() if prefix_section else None,
         "data": stats.to_dict(),
         "notes": notes,
     }

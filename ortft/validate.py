@@ -3,7 +3,8 @@
 Checks: manifest hashes; IR version and opsets that onnxruntime releases from 1.19 on read; no
 training-only op left (stock onnxruntime runs both graphs); the trainable set equals the manifest's
 and the initial adapter's; one synthetic training step gives a finite loss and finite gradients for
-every trainable tensor, and the optimizer step changes them.
+every trainable tensor, and the optimizer step changes them; with a frozen-prefix cache
+(ortft/prefix_cache.py), its prefix and suffix graphs give the full eval graph's loss.
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     if not train_step or not same:
         return report
     batch = synthetic_batch(manifest)
+    if manifest.get("prefix_cache"):  # the frozen-prefix cache's graphs compute what the full graphs do
+        from .prefix_cache import cached_loss
+
+        full = session.evaluate(batch)
+        full = float(np.asarray(full[0] if isinstance(full, list) else full))
+        cached = cached_loss(bundle, manifest, batch, threads)
+        close = abs(cached - full) <= 1e-4 * abs(full)
+        report.add("prefix cache graphs give the full graphs' loss", close, f"{cached:.6f} vs {full:.6f}")
     before = session.adapter()
     outputs = session.train_step_forward_backward(batch)
     loss = float(np.asarray(outputs[0] if isinstance(outputs, list) else outputs))

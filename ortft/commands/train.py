@@ -103,6 +103,12 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--max-example-chars", type=click.IntRange(min=1), default=None,
               help="Characters of an example read before tokenizing; longer ones are cut and counted as truncated, and a "
                    "JSONL line may hold 6 bytes per character plus 64 KiB.  [default: 64 x --seq-len]")
+@click.option("--prefix-cache/--no-prefix-cache", default=_defaults.prefix_cache, show_default=True,
+              help="With a bundle prepared with --layers N: compute the frozen layers' output once per example row and "
+                   "reuse it in later epochs and evaluations (the same losses; see docs/cli.md).")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
+              help="Memory for the frozen-prefix cache; beyond it rows spill (float32) to a scratch file in --out, "
+                   "removed at the end.  [default: a quarter of the memory available]")
 @click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True,
               help="Evaluate on the validation data every N steps and at the last one; a new best eval loss is saved "
                    "as a checkpoint (best.json names it).")

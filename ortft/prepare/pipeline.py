@@ -283,6 +283,10 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             quantization_section = passes.pop("quantization", None)
             frozen_weights_section = passes.pop("frozen_weights")
             initial_adapter_zeros = passes.pop("initial_adapter_zeros")
+            from .prefix_graphs import write_prefix_cache_graphs  # the frozen-prefix cache's graphs (issue 26)
+
+            prefix_cache_section = write_prefix_cache_graphs(stage_dir, config.task, adapter_section["layers"],
+                                                             facts["hidden_size"], trainable)
             if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files
                 from .shared_weights import share_template_weights
 
@@ -323,6 +327,7 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "graph_patches": {"optional_outputs_added": patched,
                                   "attention_functions_replaced": attention_functions_replaced, **passes},
                 "quantization": quantization_section,
+                "prefix_cache": prefix_cache_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
                 "prepare": {**recorded_prepare(config, sys.argv), "timings_s": reporter.timings},
