@@ -242,7 +242,6 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose,
                 attention_placeholders=config.attention_chunk_rows > 0,
             )
-            patched = artifacts.prepare_loss_graph(loss_model)
             graph_io = _graph_io(loss_model)
         with reporter.stage("saving the tokenizer"):
             tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
@@ -265,11 +264,9 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
-            passes = artifacts.generate(loss_graph, stage_dir, config.verbose,
+            graphs = artifacts.generate(loss_graph, stage_dir, config.verbose,
                                         recompute_activations=config.recompute_activations,
                                         attention_chunk_rows=config.attention_chunk_rows)
-            quantization_section = passes.pop("quantization", None)
-            frozen_weights_section = passes.pop("frozen_weights")
             if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files
                 from .shared_weights import share_template_weights
 
@@ -302,13 +299,13 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 },
                 "trainable": trainable,
                 "frozen": frozen,
-                "frozen_weights": frozen_weights_section,
+                "frozen_weights": graphs["frozen_weights"],
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
-                "graph_patches": {"optional_outputs_added": patched,
-                                  "attention_functions_replaced": attention_functions_replaced, **passes},
-                "quantization": quantization_section,
+                "graph_patches": {"attention_functions_replaced": attention_functions_replaced, **graphs["graph_patches"]},
+                "passes": graphs["passes"],  # {stage: {pass: count}} (ortft/prepare/graph_stages.py)
+                "quantization": graphs.get("quantization"),
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
                 "prepare": {**recorded_prepare(config, sys.argv), "timings_s": reporter.timings},
