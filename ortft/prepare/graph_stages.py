@@ -21,7 +21,12 @@ from ..graph.externalize_inputs import ExternalizeInputs
 from ..graph.lower_training_ops import LowerTrainingOps
 from ..graph.pipeline import PassManager
 from ..graph.pretranspose_frozen_weights import PretransposeFrozenWeights
-from ..graph.quantize_weights import NODE_PREFIX, QuantizeWeights, embedding_weights, linear_weights
+from ..graph.quantize_weights import (
+    NODE_PREFIX,
+    QuantizeWeights,
+    embedding_weights,
+    linear_weights,
+)
 from ..graph.recompute_activations import RecomputeActivations
 from ..graph.recompute_dequantize import RecomputeDequantize
 from ..graph.recompute_norms import RecomputeNorms

@@ -80,7 +80,7 @@ def test_a_single_reader_is_left_alone():
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_a_bundle_with_a_quantized_tied_table_trains_as_without_the_pass(tiny_model_factory, tmp_path, monkeypatch, scheme):
     """Same losses, eval loss and adapter weights after 3 AdamW steps; the manifest counts the shared weights."""
-    import ortft.prepare.graph_stages as graph_stages
+    from ortft.prepare import graph_stages
     from ortft.runtime import TrainingSession
 
     from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
