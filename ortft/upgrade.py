@@ -36,7 +36,7 @@ def _frozen_into_graphs(folder: Path, frozen: dict) -> int:
     import onnx
     from onnx import TensorProto, helper
 
-    from .graph.external_tensors import ExternalizeInputs, write_external_blobs
+    from .graph.externalize_inputs import ExternalizeInputs, write_external_blobs
 
     if (folder / FROZEN_DATA).exists():
         raise BundleError(f"{folder.name}: both a checkpoint with frozen tensors and {FROZEN_DATA}",

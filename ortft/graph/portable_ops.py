@@ -3,7 +3,7 @@
 Every provider runs the result; the values are bit for bit the same on ORT's CPU provider.
 
 - Size(x) -> ReduceProd(Shape(x), keepdims=0). OpenVINO's provider does not take Size, so every Size
-  (the SliceGrad/GatherGrad lowerings', ortft/graph/delay_recompute.py's) stays on the CPU; the
+  (the SliceGrad/GatherGrad lowerings', ortft/graph/delay_recomputation.py's) stays on the CPU; the
   provider's partitioning around those CPU nodes in the backward pass made clusters whose fused nodes
   form a cycle ("This is an invalid model. Error: the graph is not acyclic" at session creation with
   onnxruntime-openvino 1.24.1).

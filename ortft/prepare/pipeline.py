@@ -254,7 +254,6 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose,
                 attention_placeholders=config.attention_chunk_rows > 0,
             )
-            patched = artifacts.prepare_loss_graph(loss_model)
             graph_io = _graph_io(loss_model)
         with reporter.stage("saving the tokenizer"):
             tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
@@ -277,12 +276,10 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
-            passes = artifacts.generate(loss_graph, stage_dir, config.verbose,
+            graphs = artifacts.generate(loss_graph, stage_dir, config.verbose,
                                         recompute_activations=config.recompute_activations,
                                         attention_chunk_rows=config.attention_chunk_rows)
-            quantization_section = passes.pop("quantization", None)
-            frozen_weights_section = passes.pop("frozen_weights")
-            initial_adapter_zeros = passes.pop("initial_adapter_zeros")
+            initial_adapter_zeros = graphs["initial_adapter_zeros"]
             from .prefix_graphs import write_prefix_cache_graphs  # the frozen-prefix cache's graphs (issue 26)
 
             prefix_cache_section = write_prefix_cache_graphs(stage_dir, config.task, adapter_section["layers"],
@@ -320,13 +317,13 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 "trainable": trainable,
                 "initial_adapter_zeros": initial_adapter_zeros,  # left out of initial_adapter.safetensors
                 "frozen": frozen,
-                "frozen_weights": frozen_weights_section,
+                "frozen_weights": graphs["frozen_weights"],
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
-                "graph_patches": {"optional_outputs_added": patched,
-                                  "attention_functions_replaced": attention_functions_replaced, **passes},
-                "quantization": quantization_section,
+                "graph_patches": {"attention_functions_replaced": attention_functions_replaced, **graphs["graph_patches"]},
+                "passes": graphs["passes"],  # {stage: {pass: count}} (ortft/prepare/graph_stages.py)
+                "quantization": graphs.get("quantization"),
                 "prefix_cache": prefix_cache_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,

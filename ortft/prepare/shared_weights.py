@@ -43,13 +43,15 @@ def share_template_weights(bundle_dir: Path, section: dict, trainable: list[dict
     write it as INFERENCE_TEMPLATE at the bundle root, delete the old files, and return the new manifest section."""
     import onnx
 
-    from ..graph.opset import UpgradeOpset, default_opset
+    from ..graph.upgrade_opset import UpgradeOpset, default_opset
 
     bundle_dir = Path(bundle_dir)
     old_path = bundle_dir / section["model"]
     template = onnx.load(str(old_path), load_external_data=False)
-    stored = _stored_tensors(bundle_dir)
-    dequantizers = _dequantizers(bundle_dir)
+    eval_graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
+    stored = _stored_tensors(eval_graph)
+    dequantizers = _dequantizers(eval_graph)
+    del eval_graph
     adapted = {entry["base_weight"] for entry in trainable if entry.get("base_weight")}
     graph = template.graph
     layouts_before = {facts["initializer"]: facts["layout"] for facts in section["weights"].values()}
@@ -78,11 +80,10 @@ def share_template_weights(bundle_dir: Path, section: dict, trainable: list[dict
 # ---- what the training graphs store ---------------------------------------------------------------------
 
 
-def _stored_tensors(bundle_dir: Path) -> dict:
+def _stored_tensors(graph) -> dict:
     """Initializers of the eval graph kept in the bundle's weight files: name -> TensorProto (external)."""
     import onnx
 
-    graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
     stored = {}
     for tensor in graph.initializer:
         facts = {entry.key: entry.value for entry in tensor.external_data}
@@ -91,11 +92,8 @@ def _stored_tensors(bundle_dir: Path) -> dict:
     return stored
 
 
-def _dequantizers(bundle_dir: Path) -> dict[str, list]:
+def _dequantizers(graph) -> dict[str, list]:
     """Training tensor name -> its DequantizeLinear nodes in the eval graph (several for a weight split in column parts)."""
-    import onnx
-
-    graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
     found: dict[str, list] = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or not node.output[0].endswith(DEQUANTIZED_SUFFIX):

@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.recompute import RECOMPUTE_SUFFIX, RecomputeActivations, RecomputeNorms
+from ortft.graph.recompute import RECOMPUTE_SUFFIX
+from ortft.graph.recompute_activations import RecomputeActivations
+from ortft.graph.recompute_norms import RecomputeNorms
 
 
 def _swiglu_training_like():

@@ -83,6 +83,15 @@ def test_manifest_describes_bundle(tiny_llama, tmp_path):
     assert all(i["dtype"] == "int64" for i in manifest["graph"]["inputs"])
     assert not any(e["name"] in manifest["frozen"] for e in manifest["trainable"])
     assert manifest["graph_patches"]["loss_chunks"] == 8 and manifest["graph_patches"]["loss_chunk_rows"] == 256
+    passes = manifest["passes"]  # {stage: {pass: count}}, in the order each stage ran them
+    assert list(passes) == ["loss_graph", "training_model.onnx", "eval_model.onnx"]
+    assert list(passes["training_model.onnx"])[-3:] == ["LowerTrainingOps", "DelayRecomputation", "PortableOps"]
+    assert list(passes["eval_model.onnx"])[-2:] == ["LowerTrainingOps", "PortableOps"]
+    assert passes["loss_graph"]["ChunkedCrossEntropy"] == 1
+    assert passes["training_model.onnx"]["RecomputeNorms"] == manifest["graph_patches"]["recomputed_norms"] > 0
+    assert passes["eval_model.onnx"]["ExternalizeInputs[frozen_weights.data]"] == len(manifest["frozen"])
+    assert passes["training_model.onnx"]["LowerTrainingOps"] == sum(
+        manifest["graph_patches"]["lowered_training_ops"]["training_model.onnx"].values())
 
 
 def test_validate_passes_and_detects_tampering(tiny_llama, tmp_path):

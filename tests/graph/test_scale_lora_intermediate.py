@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.lora_scale import ScaleLoraIntermediate
+from ortft.graph.scale_lora_intermediate import ScaleLoraIntermediate
 
 IN, OUT, RANK = 24, 40, 4
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.shared_lora_input import ShareLoraInput
+from ortft.graph.share_lora_input import ShareLoraInput
 
 IN, RANKS, OUTS = 24, (4, 4, 2), (40, 8, 8)
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.chunked_loss import ChunkedCrossEntropy
+from ortft.graph.chunked_cross_entropy import ChunkedCrossEntropy
 
 HIDDEN, VOCAB = 16, 3000
 
@@ -103,7 +103,7 @@ def test_log_probabilities_read_elsewhere_keep_the_fused_op():
 @pytest.mark.parametrize("rows, sizes", [(3, [3, 0, 0, 0]), (7, [5, 2, 0, 0]), (12, [5, 5, 2, 0]), (40, [10, 10, 10, 10])])
 def test_slices_hold_at_least_min_rows_and_give_the_same_loss(rows, sizes):
     """Few labelled rows go in fewer, larger slices (faster LM-head products); many rows still in `chunks` slices."""
-    from ortft.graph.chunked_loss import CHUNKED_LOSS_PREFIX
+    from ortft.graph.chunked_cross_entropy import CHUNKED_LOSS_PREFIX
 
     model = _head_and_loss()
     chunked = _rewritten(model, chunks=4, min_rows=5)
