@@ -152,7 +152,3 @@ def require_adapter_fits(expected: dict[str, list[int]], adapter: dict[str, np.n
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise error(f"{where} does not fit the bundle: {shown}", hint=hint or "use an adapter of a run trained on this bundle")
 
-
-def trainable_shapes(manifest: dict) -> dict[str, list[int]]:
-    """{graph name: shape} of the bundle's trainable tensors, in manifest order."""
-    return {entry["name"]: list(entry["shape"]) for entry in manifest["trainable"]}

@@ -109,6 +109,8 @@ class TrainConfig:
     max_eval_batches: int | None = None
     init_adapter: str | None = None  # start from these adapter weights (safetensors, graph names)
     max_example_chars: int | None = None  # data: characters an example keeps before tokenizing (None: 64 x seq_len)
+    prefix_cache: bool = True  # bundles with a frozen prefix: compute its output once per row (ortft/prefix_cache.py)
+    prefix_cache_mb: float | None = None  # its memory budget before it spills to the run folder (None: 1/4 of free memory)
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 

@@ -15,98 +15,27 @@ and renamed into place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import run as runs
-from .config import BEST_CHECKPOINT, LATEST_CHECKPOINT, ExportConfig, default_of
+from .adapter import check_adapter, load_adapter
+from .bundle import TOKENIZER_DIR, BundleManifest
+from .config import LATEST_CHECKPOINT, ExportConfig, default_of
 from .errors import BundleError, ConfigError, RunError
 from .export_files import generation_config, write_serving_files  # noqa: F401  (generation_config: part of the API)
 from .export_manifest import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, write_export_manifest  # noqa: F401  (part of the API)
 from .fsutil import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
 from .inference_template import InferenceTemplate
-from .manifest import (
-    MANIFEST_NAME,
-    bundle_digests,
-    load_verified,
-    manifest_digest,
-    verify_files,
-)
+from .manifest import load_verified, manifest_digest, verify_files
 from .merge import AdaptedModule, adapted_modules, full_replacements, merge_weights  # noqa: F401  (part of the API)
-from .run import load_adapter
+from .run import RunCheckpoint, resolve_run_checkpoint  # noqa: F401  (RunCheckpoint: part of the API)
 
 EXPORT_KINDS = ("merged-onnx", "onnx-adapter", "gguf", "gguf-lora", "peft", "adapter")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ADAPTER_FILE = "adapter.safetensors"
-BUNDLE_TOKENIZER_DIR = "tokenizer"
 INT8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
-
-
-# ---- run folders ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """Where a run's bundle and the chosen checkpoint's adapter weights live."""
-
-    run_dir: Path
-    bundle_dir: Path
-    checkpoint_dir: Path | None
-    adapter_path: Path
-
-
-def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = LATEST_CHECKPOINT) -> RunCheckpoint:
-    """Read RUN_DIR/run.json and pick a checkpoint: `latest`, `best` or a path (folder or .safetensors).
-
-    The bundle named in run.json must still have the manifest the run was trained on.
-    """
-    run_dir = Path(run_dir)
-    run_info = _read_run_json(run_dir)
-    bundle_dir = runs.run_bundle_dir(run_dir, run_info)
-    if not (bundle_dir / MANIFEST_NAME).is_file():
-        raise RunError(
-            f"{run_dir / 'run.json'} names bundle {bundle_dir}, which has no {MANIFEST_NAME}",
-            hint="move the bundle back to that path, or edit run.json to point at it",
-        )
-    expected_digest = run_info.get("bundle_manifest_sha256")
-    if expected_digest and expected_digest not in bundle_digests(bundle_dir):
-        raise RunError(
-            f"the bundle at {bundle_dir} is not the one run {run_dir} was trained on (manifest sha256 differs)",
-            hint="point run.json at the original bundle",
-        )
-    checkpoint_dir, adapter_path = _choose_checkpoint(run_dir, checkpoint)
-    return RunCheckpoint(run_dir, bundle_dir, checkpoint_dir, adapter_path)
-
-
-def _read_run_json(run_dir: Path) -> dict:
-    info = runs.read_run(run_dir)
-    if not isinstance(info, dict) or not info.get("bundle"):
-        raise RunError(f"{run_dir / runs.RUN_FILE} does not name its bundle", hint="the run folder is damaged")
-    return info
-
-
-def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Path]:
-    """A checkpoint folder (verified against its recorded hashes) and its adapter; or a bare adapter file."""
-    if checkpoint not in (LATEST_CHECKPOINT, BEST_CHECKPOINT):
-        path = Path(checkpoint)
-        candidate = path if path.is_absolute() or path.exists() else run_dir / path
-        if candidate.is_file():
-            return None, candidate
-    folder = runs.resolve_checkpoint(run_dir, checkpoint)
-    return folder, folder / runs.ADAPTER_FILE
-
-
-# ---- adapters ------------------------------------------------------------------------------------
-
-
-def check_adapter(manifest: dict, adapter: dict[str, np.ndarray], where: str = "the adapter") -> None:
-    """`adapter` holds exactly the manifest's trainable tensors, with their shapes, finite (ortft/adapter_tensors.py)."""
-    from .adapter_tensors import require_adapter_fits, trainable_shapes
-
-    require_adapter_fits(trainable_shapes(manifest), adapter, where, RunError, hint="export a checkpoint of a run trained on this bundle")
 
 
 # ---- the exports ---------------------------------------------------------------------------------
@@ -150,8 +79,8 @@ def open_template(bundle_dir: Path, manifest: dict) -> InferenceTemplate:
     """The bundle's inference template, after checking the files an export reads against the manifest."""
     template = InferenceTemplate(bundle_dir, manifest)
     relative = [path.relative_to(bundle_dir).as_posix() for path in template.files()]
-    config = (manifest.get("inference") or {}).get("config")
-    verify_bundle_files(bundle_dir, manifest, [*relative, *([config] if config else [])], prefixes=(f"{BUNDLE_TOKENIZER_DIR}/",))
+    config = (BundleManifest.of(manifest).inference or {}).get("config")
+    verify_bundle_files(bundle_dir, manifest, [*relative, *([config] if config else [])], prefixes=(f"{TOKENIZER_DIR}/",))
     return template
 
 
@@ -172,8 +101,9 @@ def export_peft(manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | 
     """EXPORT_DIR/{adapter_config.json, adapter_model.safetensors}: loads with `PeftModel.from_pretrained`."""
     from safetensors.numpy import save
 
+    manifest = BundleManifest.of(manifest)
     check_adapter(manifest, adapter)
-    peft_tensors = {entry["peft_key"]: np.ascontiguousarray(adapter[entry["name"]]) for entry in manifest["trainable"]}
+    peft_tensors = {entry["peft_key"]: np.ascontiguousarray(adapter[entry["name"]]) for entry in manifest.trainable}
     with staged_dir(Path(out_dir), force) as staging:
         write_json_atomic(staging / "adapter_config.json", peft_adapter_config(manifest))
         write_bytes_atomic(staging / "adapter_model.safetensors", save(peft_tensors, metadata={"format": "pt"}))
@@ -184,11 +114,12 @@ def export_adapter(manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path
     """EXPORT_DIR/{adapter.safetensors (graph names), manifest.json (adapter settings and tensor table)}."""
     from safetensors.numpy import save
 
+    manifest = BundleManifest.of(manifest)
     check_adapter(manifest, adapter)
-    tensors = {entry["name"]: np.ascontiguousarray(adapter[entry["name"]]) for entry in manifest["trainable"]}
+    tensors = {name: np.ascontiguousarray(adapter[name]) for name in manifest.trainable_names}
     with staged_dir(Path(out_dir), force) as staging:
         write_bytes_atomic(staging / ADAPTER_FILE, save(tensors))
-        extra = {"adapter": manifest.get("adapter"), "trainable": manifest["trainable"]}
+        extra = {"adapter": manifest.get("adapter"), "trainable": manifest.trainable}
         return write_export_manifest(staging, "adapter", None, manifest, source, extra=extra)
 
 
@@ -219,7 +150,7 @@ def export_run(run_dir: Path | str, out_dir: Path | str, checkpoint: str = LATES
         "bundle": chosen.bundle_dir.resolve().name,
         "bundle_manifest_sha256": manifest_digest(chosen.bundle_dir),
     }
-    if manifest.get("task") in ("seq-cls", "token-cls") and kind not in ("peft", "adapter"):
+    if manifest.is_classifier and kind not in ("peft", "adapter"):
         from .export_classifier import export_classifier  # merged-onnx with the classifier head; the rest refused
 
         return export_classifier(kind, chosen.bundle_dir, manifest, adapter, out_dir, force, source, quantize)
@@ -268,13 +199,14 @@ def _check_options_fit(kind: str, quantize: str | None, block_size: int | None, 
 
 def peft_adapter_config(manifest: dict) -> dict:
     """adapter_config.json with the keys of PEFT's LoraConfig that describe this adapter."""
-    settings = manifest["adapter"]
+    manifest = BundleManifest.of(manifest)
+    settings = manifest.adapter
     alpha = float(settings["alpha"])
     modules_to_save = list(settings.get("modules_to_save") or []) or None
     return {
         "peft_type": "LORA",
-        "task_type": settings.get("task_type") or ("CAUSAL_LM" if manifest.get("task") == "causal-lm" else "SEQ_CLS"),
-        "base_model_name_or_path": manifest.get("source", {}).get("path"),
+        "task_type": settings.get("task_type") or ("CAUSAL_LM" if manifest.task == "causal-lm" else "SEQ_CLS"),
+        "base_model_name_or_path": manifest.source.get("path"),
         "revision": None,
         "inference_mode": True,
         "r": int(settings["rank"]),
@@ -297,18 +229,18 @@ def peft_adapter_config(manifest: dict) -> dict:
 
 
 def _layers_to_transform(manifest: dict) -> list[int] | None:
-    settings = manifest["adapter"]
+    settings = manifest.adapter
     if "layers_to_transform" in settings:
         return settings["layers_to_transform"]
     layers = settings.get("layers")
-    total = manifest.get("model", {}).get("num_layers")
+    total = manifest.model.get("num_layers")
     if layers is None or (total is not None and list(layers) == list(range(total))):
         return None
     return list(layers)
 
 
 def inference_facts(manifest: dict) -> dict:
-    section = manifest["inference"]
+    section = BundleManifest.of(manifest).inference
     return {key: section[key] for key in ("inputs", "outputs", "num_layers", "num_key_value_heads", "head_dim") if key in section}
 
 
@@ -316,7 +248,7 @@ def verify_bundle_files(bundle_dir: Path, manifest: dict, relative_paths: list[s
     """Check size and sha256 of the bundle files an export reads (the device trusts only the manifest):
     `relative_paths`, and every listed file under one of `prefixes`."""
     wanted = set(relative_paths)
-    listed = {rel: facts for rel, facts in manifest.get("files", {}).items() if rel in wanted or rel.startswith(prefixes)}
+    listed = {rel: facts for rel, facts in BundleManifest.of(manifest).files.items() if rel in wanted or rel.startswith(prefixes)}
     problems = verify_files(bundle_dir, {"files": listed})
     unlisted = sorted(wanted - set(listed))
     problems += [f"{rel} is not in the manifest's file table" for rel in unlisted]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleManifest
 from .errors import BundleError, ConfigError, OutputExistsError
 from .export_files import write_serving_files
 from .export_manifest import now, read_export_manifest, write_export_manifest
@@ -79,12 +80,13 @@ class AdapterSlot:
 
 def adapter_slots(manifest: dict) -> list[AdapterSlot]:
     """One slot per adapted linear layer of the bundle, in the manifest's order."""
-    if any(entry["role"] == "full" for entry in manifest["trainable"]):
-        names = sorted(entry["name"] for entry in manifest["trainable"] if entry["role"] == "full")
+    trainable = BundleManifest.of(manifest).trainable
+    if any(entry["role"] == "full" for entry in trainable):
+        names = sorted(entry["name"] for entry in trainable if entry["role"] == "full")
         raise BundleError(f"the bundle trains whole modules ({', '.join(names[:3])}), which an adapter file cannot carry",
                           hint="export with --format merged-onnx instead")
     shapes: dict[str, dict] = {}
-    for entry in manifest["trainable"]:
+    for entry in trainable:
         shapes.setdefault(entry["base_weight"], {})[entry["role"]] = entry["shape"]
     slots = []
     for base_weight, roles in shapes.items():
@@ -176,7 +178,7 @@ def _perm(node) -> list[int] | None:
 
 def adapter_tensors(manifest: dict, template, adapter: dict[str, np.ndarray], slots: list[AdapterSlot]) -> dict[str, np.ndarray]:
     """The values of every slot's inputs for one trained adapter."""
-    scale = float(manifest["adapter"]["scale"])
+    scale = float(BundleManifest.of(manifest).adapter["scale"])
     modules: dict[str, AdaptedModule] = adapted_modules(manifest, adapter)
     tensors = {}
     for slot in slots:
@@ -243,7 +245,8 @@ def export_onnx_adapter(bundle_dir: Path | str, manifest: dict, adapter: dict[st
     """Write OUT/{model.onnx, model.onnx.data, genai_config.json, config.json, tokenizer, adapters/NAME.onnx_adapter,
     manifest.json}, or, when OUT already holds an onnx-adapter export of the same bundle, add adapters/NAME.onnx_adapter
     to it (an existing NAME only with `force`). Returns the export manifest (with `added_adapter` when one was added)."""
-    from .export import check_adapter, inference_facts, open_template
+    from .adapter import check_adapter
+    from .export import inference_facts, open_template
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     check_adapter_name(name)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import TOKENIZER_DIR, BundleManifest
 from .errors import BundleError, ConfigError
 from .export_files import (
     copy_tokenizer_to_root,
@@ -26,20 +27,15 @@ from .fsutil import staged_dir, write_json_atomic
 from .inference_template import InferenceTemplate
 from .merge import adapted_modules, full_replacements, merge_weights
 
-CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "config.json"
 
 
-def is_classifier(manifest: dict) -> bool:
-    return manifest.get("task") in CLASSIFICATION_TASKS
-
-
 def export_classifier(kind: str, bundle_dir: Path, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                       force: bool = False, source: dict | None = None, quantize: str | None = None) -> dict:
     """The export of `kind` for a classification bundle: merged-onnx here; other formats refused."""
-    task = manifest.get("task")
+    task = BundleManifest.of(manifest).task
     if kind != "merged-onnx":
         raise ConfigError(f"--format {kind} serves causal language models; this run's bundle is {task}",
                           hint="export it with --format merged-onnx (for `ortft predict`), peft or adapter")
@@ -52,16 +48,18 @@ def export_classifier(kind: str, bundle_dir: Path, manifest: dict, adapter: dict
 def export_merged_classifier(bundle_dir: Path, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                              force: bool = False, source: dict | None = None) -> dict:
     """EXPORT_DIR/{model.onnx, model.onnx.data, config.json, tokenizer files, manifest.json}; returns the manifest."""
-    from .export import check_adapter, verify_bundle_files
+    from .adapter import check_adapter
+    from .export import verify_bundle_files
 
     bundle_dir = Path(bundle_dir)
+    manifest = BundleManifest.of(manifest)
     check_adapter(manifest, adapter)
-    if not manifest.get("inference"):
+    if not manifest.inference:
         raise BundleError(f"bundle {bundle_dir} has no classifier template (prepared before ortft exported classifiers)",
                           hint="prepare the bundle again (`ortft prepare ... --force`); its runs' adapters still fit it")
     template = InferenceTemplate(bundle_dir, manifest)
     relative = [path.relative_to(bundle_dir).as_posix() for path in template.files()]
-    verify_bundle_files(bundle_dir, manifest, [*relative, manifest["inference"]["config"]], prefixes=("tokenizer/",))
+    verify_bundle_files(bundle_dir, manifest, [*relative, manifest.inference["config"]], prefixes=(f"{TOKENIZER_DIR}/",))
     names = {module.base_weight for module in adapted_modules(manifest, adapter).values()} | set(full_replacements(manifest, adapter))
     merged = merge_weights(manifest, template.read_weights(names), adapter)
     missing = sorted(set(full_replacements(manifest, adapter)) - set(merged))
@@ -73,8 +71,8 @@ def export_merged_classifier(bundle_dir: Path, manifest: dict, adapter: dict[str
         write_json_atomic(staging / CONFIG_FILE, export_model_config(source_model_config(bundle_dir, manifest)))
         copied = copy_tokenizer_to_root(bundle_dir, staging, manifest)
         extra = {
-            "labels": manifest.get("labels"),
-            "inference": {key: manifest["inference"][key] for key in ("inputs", "outputs")},
+            "labels": manifest.labels,
+            "inference": {key: manifest.inference[key] for key in ("inputs", "outputs")},
             "tokenizer": export_tokenizer_section(manifest, copied),
         }
         return write_export_manifest(staging, "merged-onnx", bundle_dir, manifest, source, extra=extra)

@@ -15,20 +15,20 @@ import json
 import shutil
 from pathlib import Path
 
+from .bundle import TOKENIZER_DIR, BundleManifest
 from .export_genai import GENAI_CONFIG_FILE, genai_config
 from .fsutil import write_json_atomic
 from .trust import listed_files
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-BUNDLE_TOKENIZER_DIR = "tokenizer"
 # Keys of a source config.json that describe how the checkpoint was stored, not the model.
 CONFIG_KEYS_DROPPED = ("quantization_config", "_name_or_path", "_model_name_or_path")
 
 
 def source_model_config(bundle_dir: Path, manifest: dict) -> dict | None:
     """The source model's config.json that prepare kept in the bundle, or None for a bundle made before."""
-    relative = (manifest.get("inference") or {}).get("config")
+    relative = (BundleManifest.of(manifest).inference or {}).get("config")
     if not relative:
         return None
     return json.loads((Path(bundle_dir) / relative).read_text(encoding="utf-8"))
@@ -43,7 +43,7 @@ def export_model_config(config: dict) -> dict:
 
 def generation_config(manifest: dict) -> dict:
     """generation_config.json as Hugging Face writes it: bos, eos (a list when several), pad."""
-    model = manifest.get("model", {})
+    model = BundleManifest.of(manifest).model
     eos_ids = list(model.get("eos_token_ids") or [])
     return {
         "bos_token_id": model.get("bos_token_id"),
@@ -58,7 +58,7 @@ def copy_tokenizer_to_root(bundle_dir: Path, out_dir: Path, manifest: dict) -> l
     """Copy the files of the bundle's tokenizer folder that its manifest lists (regular files, no links:
     ortft/trust.py) to the export's root; returns their names. Unlisted files are never copied."""
     names = []
-    for relative, path in listed_files(bundle_dir, manifest.get("files") or {}, f"{BUNDLE_TOKENIZER_DIR}/"):
+    for relative, path in listed_files(bundle_dir, BundleManifest.of(manifest).files, f"{TOKENIZER_DIR}/"):
         shutil.copyfile(path, Path(out_dir) / Path(relative).name, follow_symlinks=False)
         names.append(Path(relative).name)
     return names
@@ -66,7 +66,7 @@ def copy_tokenizer_to_root(bundle_dir: Path, out_dir: Path, manifest: dict) -> l
 
 def export_tokenizer_section(manifest: dict, copied: list[str]) -> dict:
     """The export manifest's `tokenizer` section: the bundle's, with the files now at the root."""
-    section = dict(manifest.get("tokenizer") or {})
+    section = dict(BundleManifest.of(manifest).tokenizer)
     section["dir"] = "."
     section["chat_template"] = "chat_template.jinja" if "chat_template.jinja" in copied else None
     return section

@@ -9,6 +9,7 @@ genai's Adapters API feeds them from `.onnx_adapter` files. Device side: plain d
 
 from __future__ import annotations
 
+from .bundle import BundleManifest
 from .errors import BundleError
 
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -19,7 +20,7 @@ PAST_PREFIX = "past_key_values."
 
 def genai_model_type(manifest: dict, model_config: dict | None) -> str:
     """`LlamaForCausalLM` -> `llama`: genai's own rule (the architecture's name before `For`, lower case)."""
-    architectures = (model_config or {}).get("architectures") or [(manifest.get("source") or {}).get("architecture") or ""]
+    architectures = (model_config or {}).get("architectures") or [BundleManifest.of(manifest).source.get("architecture") or ""]
     name = str(architectures[0])
     model_type = (name[: name.find("For")] if "For" in name else name).lower()
     if model_type not in GENAI_MODEL_TYPES:
@@ -31,8 +32,9 @@ def genai_model_type(manifest: dict, model_config: dict | None) -> str:
 def genai_config(manifest: dict, model_config: dict | None, model_file: str = "model.onnx",
                  session_config: dict[str, str] | None = None) -> dict:
     """genai_config.json for the causal LM of `manifest` (a bundle manifest) exported as `model_file`."""
-    model = manifest.get("model") or {}
-    inference = manifest["inference"]
+    manifest = BundleManifest.of(manifest)
+    model = manifest.model
+    inference = manifest.inference
     config = model_config or {}
     head_size = int(inference.get("head_dim") or config.get("head_dim") or model["head_dim"])
     hidden_size = int(config.get("hidden_size") or model["hidden_size"])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleManifest
 from .errors import BundleError
 from .export_files import source_model_config
 from .export_manifest import write_export_manifest
@@ -52,11 +53,11 @@ def _config(bundle_dir: Path, manifest: dict) -> dict:
 
 
 def _context_length(config: dict, manifest: dict) -> int:
-    return int(config.get("max_position_embeddings") or (manifest.get("model") or {}).get("max_seq_len"))
+    return int(config.get("max_position_embeddings") or BundleManifest.of(manifest).model.get("max_seq_len"))
 
 
 def _model_name(manifest: dict) -> str:
-    source = manifest.get("source") or {}
+    source = BundleManifest.of(manifest).source
     return Path(source.get("gguf_file") or source.get("path") or "model").stem + " (ortft fine-tune)"
 
 
@@ -100,7 +101,8 @@ def _nbytes(gguf, shape: list[int], ggml_type) -> int:
 def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                 gguf_type: str = DEFAULT_GGUF_TYPE, force: bool = False, source: dict | None = None) -> dict:
     """OUT/{model.gguf, Modelfile, manifest.json}: the merged model in llama.cpp's layout. Returns the export manifest."""
-    from .export import check_adapter, open_template
+    from .adapter import check_adapter
+    from .export import open_template
 
     if gguf_type not in GGUF_TYPES:
         raise BundleError(f"unknown GGUF type {gguf_type!r}", hint=f"use one of: {', '.join(GGUF_TYPES)}")
@@ -159,15 +161,16 @@ def export_gguf(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.nd
 def export_gguf_lora(bundle_dir: Path | str, manifest: dict, adapter: dict[str, np.ndarray], out_dir: Path | str,
                      force: bool = False, source: dict | None = None) -> dict:
     """OUT/{adapter.gguf, manifest.json}: the adapter as llama.cpp's LoRA. Returns the export manifest."""
-    from .export import check_adapter
+    from .adapter import check_adapter
 
     gguf = gguf_module()
     bundle_dir = Path(bundle_dir)
+    manifest = BundleManifest.of(manifest)
     check_adapter(manifest, adapter)
-    settings = manifest["adapter"]
-    if settings.get("type") == "dora" or any(entry["role"] == "magnitude" for entry in manifest["trainable"]):
+    settings = manifest.adapter
+    if settings.get("type") == "dora" or any(entry["role"] == "magnitude" for entry in manifest.trainable):
         raise BundleError("llama.cpp's LoRA adapters cannot carry DoRA's magnitudes", hint="export --format gguf (merged) instead")
-    if any(entry["role"] == "full" for entry in manifest["trainable"]):
+    if any(entry["role"] == "full" for entry in manifest.trainable):
         raise BundleError("the bundle trains whole modules, which a llama.cpp LoRA adapter cannot carry", hint="export --format gguf (merged) instead")
     config = _config(bundle_dir, manifest)
     arch = gguf_architecture(config["model_type"])
@@ -196,7 +199,7 @@ def export_gguf_lora(bundle_dir: Path | str, manifest: dict, adapter: dict[str, 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        base = (manifest.get("source") or {}).get("gguf_file")  # the source GGUF's file name (no host paths in exports)
+        base = manifest.source.get("gguf_file")  # the source GGUF's file name (no host paths in exports)
         extra = {"gguf": {"file": LORA_FILE, "architecture": arch, "adapter_type": "lora", "alpha": scale * rank, "rank": rank,
                           "adapted_weights": count, "base_model": base}}
         return write_export_manifest(staging, "gguf-lora", bundle_dir, manifest, source, extra=extra)

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .bundle import CLASSIFIER_TASKS, TOKENIZER_DIR
 from .config import LATEST_CHECKPOINT, SamplingSettings  # noqa: F401  (defaults live in ortft.config)
 from .errors import BundleError, ConfigError
 
@@ -121,7 +122,7 @@ def describe_model_folder(folder: Path | str, adapter: str | None = None) -> Mod
 
     folder = Path(folder)
     manifest = open_model_folder(folder)  # the loader gate: hashes, links, the graphs' external data
-    if manifest.get("task") in ("seq-cls", "token-cls"):
+    if manifest.get("task") in CLASSIFIER_TASKS:
         raise ConfigError(f"{folder} holds a {manifest['task']} classifier, which labels text rather than writing it",
                           hint="label text with `ortft predict RUN_OR_EXPORT --data FILE.jsonl` (a run folder or its merged-onnx export)")
     eos_ids = list((manifest.get("model") or {}).get("eos_token_ids") or [])
@@ -154,7 +155,7 @@ def _describe(folder: Path, manifest: dict, eos_ids: list[int], adapter: str | N
     if manifest.get("format") == "ortft-bundle" and manifest.get("inference"):
         from .inference_template import template_session_config
 
-        return ModelFolder(folder / manifest["inference"]["model"], folder / "tokenizer", eos_ids, template_session_config(manifest), folder)
+        return ModelFolder(folder / manifest["inference"]["model"], folder / TOKENIZER_DIR, eos_ids, template_session_config(manifest), folder)
     raise BundleError(
         f"{folder} holds no ONNX model to generate with (format {manifest.get('format')}, kind {kind})",
         hint="export with --format merged-onnx or onnx-adapter, or pass the run folder itself",
@@ -166,7 +167,7 @@ def _tokenizer_dir(folder: Path, manifest: dict) -> Path:
     recorded = (manifest.get("tokenizer") or {}).get("dir")
     if recorded and (folder / recorded / "tokenizer.json").is_file():
         return folder / recorded
-    return folder if (folder / "tokenizer.json").is_file() else folder / "tokenizer"
+    return folder if (folder / "tokenizer.json").is_file() else folder / TOKENIZER_DIR
 
 
 def _adapter_file(folder: Path, manifest: dict, name: str) -> Path:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bundle import TOKENIZER_DIR, BundleManifest
 from .errors import BundleError
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
@@ -50,8 +51,8 @@ class GGUFVocab:
 
 def gguf_vocab(bundle_dir: Path, manifest: dict, vocab_size: int) -> GGUFVocab:
     """The GGUF tokenizer metadata of the bundle's tokenizer, for a model with `vocab_size` embedding rows."""
-    section = manifest.get("tokenizer") or {}
-    folder = Path(bundle_dir) / section.get("dir", "tokenizer")
+    section = BundleManifest.of(manifest).tokenizer
+    folder = Path(bundle_dir) / section.get("dir", TOKENIZER_DIR)
     state = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     facts = section.get("source_facts") or {}
     model = state.get("model") or {}
@@ -108,7 +109,7 @@ def _tokens_by_id(vocab: dict[str, int], added: list[dict], vocab_size: int) -> 
 
 
 def _special_ids(manifest: dict, facts: dict) -> dict[str, int]:
-    model = manifest.get("model") or {}
+    model = BundleManifest.of(manifest).model
     eos_ids = model.get("eos_token_ids") or []
     candidates = {
         "bos": facts.get("bos_token_id", model.get("bos_token_id")),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleManifest
 from .errors import BundleError
 
 NUMPY_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64}
@@ -29,7 +30,7 @@ DEQUANTIZE_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 def template_session_config(manifest: dict) -> dict[str, str]:
     """ONNX Runtime session settings a bundle's template (or a graph made from it) needs: a QLoRA bundle's
     template dequantizes its weights in the graph."""
-    parameters = (manifest.get("inference") or {}).get("parameters") or {}
+    parameters = (BundleManifest.of(manifest).inference or {}).get("parameters") or {}
     return dict(DEQUANTIZE_SESSION_CONFIG) if any(record.get("dequantize") for record in parameters.values()) else {}
 LARGE_TENSOR_BYTES = 1 << 16  # tensors from this size on start at a 4 KiB boundary of the data file (mappable)
 PAGE = 4096
@@ -42,7 +43,7 @@ class InferenceTemplate:
     def __init__(self, bundle_dir: Path, manifest: dict):
         import onnx
 
-        section = manifest.get("inference")
+        section = BundleManifest.of(manifest).inference
         if not section:
             raise BundleError(f"bundle {bundle_dir} has no inference template", hint="prepare it again with the inference template on (causal-lm only)")
         self.bundle_dir = Path(bundle_dir)

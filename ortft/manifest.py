@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from .bundle import MANIFEST_NAME, BundleManifest
 from .errors import BundleError
 from .fsutil import sha256_file, write_json_atomic
 
-MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "ortft-bundle"
 FORMAT_VERSION = 2  # 2: standard-ONNX graphs for stock onnxruntime + initial_adapter.safetensors
 TRAINING_API_FORMAT = 1  # bundles for ORT's deprecated training API (checkpoint, optimizer graph)
@@ -35,9 +35,9 @@ def file_table(root: Path) -> dict[str, dict]:
     return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in list_files(root)}
 
 
-def write_manifest(root: Path, manifest: dict) -> dict:
+def write_manifest(root: Path, manifest: dict) -> BundleManifest:
     """Record every file of `root` in `manifest['files']` and write manifest.json atomically."""
-    manifest = dict(manifest)
+    manifest = BundleManifest(manifest)
     manifest["files"] = file_table(root)
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return manifest
@@ -62,7 +62,7 @@ def bundle_digests(root: Path | str) -> set[str]:
     return digests
 
 
-def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dict:
+def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> BundleManifest:
     """Load and sanity-check manifest.json of a bundle folder, with user errors for what is wrong."""
     root = Path(root)
     if not root.exists():
@@ -87,12 +87,12 @@ def read_manifest(root: Path | str, expected_format: str = BUNDLE_FORMAT) -> dic
             f"{path} has format_version {manifest.get('format_version')}, newer than this ortft understands",
             hint="upgrade ortft on this device",
         )
-    return manifest
+    return BundleManifest(manifest)
 
 
 def require_stock_runtime(root: Path | str, manifest: dict) -> None:
     """A BundleError for a bundle made for ORT's training API, with the command that upgrades it."""
-    if int(manifest.get("format_version", 0)) <= TRAINING_API_FORMAT:
+    if BundleManifest.of(manifest).format_version <= TRAINING_API_FORMAT:
         raise BundleError(
             f"bundle {root} was prepared for ONNX Runtime's deprecated training API (format_version 1); "
             "ortft now trains on stock onnxruntime",
@@ -108,7 +108,7 @@ def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> list[
     return verify_listed(Path(root), manifest.get("files", {}), check_hashes)
 
 
-def load_verified(root: Path | str, check_hashes: bool = True) -> dict:
+def load_verified(root: Path | str, check_hashes: bool = True) -> BundleManifest:
     """read_manifest + verify_files + the rest of the loader gate (ortft/trust.py: the graphs' external data,
     the tokenizer files); a damaged or unsafe bundle is a BundleError listing what is wrong."""
     from .trust import check_external_data, check_tokenizer_files
@@ -118,6 +118,6 @@ def load_verified(root: Path | str, check_hashes: bool = True) -> dict:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise BundleError(f"bundle {root} is damaged: {shown}", hint="prepare the bundle again or copy it anew")
-    check_external_data(root, manifest["files"])
-    check_tokenizer_files(root, manifest, manifest["tokenizer"]["dir"])
+    check_external_data(root, manifest.files)
+    check_tokenizer_files(root, manifest, manifest.tokenizer_dir)
     return manifest

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bundle import BundleManifest
 from .errors import BundleError
 
 
@@ -25,7 +26,7 @@ class AdaptedModule:
 def adapted_modules(manifest: dict, adapter: dict[str, np.ndarray]) -> dict[str, AdaptedModule]:
     """Group the adapter's tensors by the HF weight they adapt (role `full` tensors are left out)."""
     modules: dict[str, AdaptedModule] = {}
-    for entry in manifest["trainable"]:
+    for entry in BundleManifest.of(manifest).trainable:
         if entry["role"] == "full":
             continue
         module = modules.setdefault(entry["base_weight"], AdaptedModule(entry["base_weight"]))
@@ -36,7 +37,7 @@ def adapted_modules(manifest: dict, adapter: dict[str, np.ndarray]) -> dict[str,
 def full_replacements(manifest: dict, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF parameter name -> trained tensor, for fully trained modules (`modules_to_save`)."""
     replacements = {}
-    for entry in manifest["trainable"]:
+    for entry in BundleManifest.of(manifest).trainable:
         if entry["role"] == "full":
             hf_name = entry["name"].removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
             replacements[hf_name] = adapter[entry["name"]]
@@ -53,8 +54,9 @@ def merge_weights(manifest: dict, template_weights: dict[str, np.ndarray], adapt
             as PEFT's DoraLinearLayer.get_weight_norm; m is the magnitude vector)
     W, B @ A and m are all in the [out, in] view; an `in_out` initializer is transposed back on return.
     """
-    scale = float(manifest["adapter"]["scale"])
-    layouts = manifest["inference"]["weights"]
+    manifest = BundleManifest.of(manifest)
+    scale = float(manifest.adapter["scale"])
+    layouts = manifest.inference["weights"]
     merged = {}
     for hf_name, module in adapted_modules(manifest, adapter).items():
         if hf_name not in template_weights:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import CLASSIFIER_TASKS
 from .config import DEFAULT_SEQ_LEN, LATEST_CHECKPOINT, InputLimits, PredictConfig, default_of
 from .data import read_jsonl
 from .data_ner import WordText, cut_words, first_subtokens, unlabelled_words
@@ -31,7 +32,6 @@ from .errors import BundleError, ConfigError, DataError
 from .export_manifest import read_export_manifest
 from .iob2 import OUTSIDE, strict_entities
 
-CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
 GOLD_FIELDS = ("label", "score", "tags", "entities", "truncated")
 
 
@@ -63,7 +63,7 @@ class Classifier:
 
         manifest = open_export(self.folder)  # the loader gate: hashes, links, the graph's external data (ortft/trust.py)
         self.task = manifest.get("task")
-        if self.task not in CLASSIFICATION_TASKS:
+        if self.task not in CLASSIFIER_TASKS:
             raise ConfigError(f"{self.folder} holds a {self.task} model; `ortft predict` labels with seq-cls and token-cls models",
                               hint="use `ortft generate` for a causal language model")
         if manifest.get("kind") != "merged-onnx" or not (self.folder / "model.onnx").is_file():

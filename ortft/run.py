@@ -1,5 +1,9 @@
 """The run folder of `ortft train`: its layout, its checkpoints, and finding the newest valid one.
 
+The functions here are the one place that resolves a run folder: its bundle (`run_bundle_dir`,
+`trained_on`), its checkpoints (`resolve_checkpoint`, `resolve_run_checkpoint`, `newest_valid_checkpoint`)
+and its recorded settings (`read_config`).
+
 RUN/run.json            which bundle (path + manifest sha256) and data the run trains on
 RUN/config.json         the full resolved training configuration
 RUN/metrics.jsonl       one JSON object per line (training and evaluation records)
@@ -21,11 +25,14 @@ import os
 import re
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import LATEST_CHECKPOINT
+from .adapter import adapter_bytes
+from .bundle import MANIFEST_NAME
+from .config import BEST_CHECKPOINT, LATEST_CHECKPOINT
 from .errors import RunError
 from .fsutil import TEMP_PREFIX, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 
@@ -45,21 +52,6 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def adapter_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.numpy import save
-
-    return save({name: np.ascontiguousarray(value, dtype=np.float32) for name, value in arrays.items()}, metadata=metadata)
-
-
-def load_adapter(path: Path | str) -> dict[str, np.ndarray]:
-    """Adapter weights keyed by graph name, as float32, from a safetensors file: float32 or float16 tensors
-    (bfloat16 converted, with a note), finite; anything else (a damaged file, another dtype, NaN) is a RunError
-    naming the file (ortft/adapter_tensors.py)."""
-    from .adapter_tensors import read_adapter_file
-
-    return read_adapter_file(path)
 
 
 def optimizer_bytes(state: dict[str, np.ndarray], step: int) -> bytes:
@@ -237,7 +229,7 @@ def resolve_checkpoint(run_dir: Path | str, which: str = LATEST_CHECKPOINT) -> P
         if folder is None:
             raise RunError(f"run {run_dir} has no checkpoint to use (none saved yet, or every one damaged)", hint="train longer (checkpoints come every --save-every steps and at the end)")
         return folder
-    if which == "best":
+    if which == BEST_CHECKPOINT:
         best_path = run_dir / BEST_FILE
         if not best_path.is_file():
             raise RunError(f"run {run_dir} has no best checkpoint (no evaluation ran)", hint="use --checkpoint latest, or train with validation data")
@@ -274,3 +266,68 @@ def read_best(run_dir: Path | str) -> dict:
 
 def write_best(run_dir: Path, checkpoint: Path, step: int, eval_loss: float) -> None:
     write_json_atomic(run_dir / BEST_FILE, {"checkpoint": str(checkpoint.relative_to(run_dir)), "step": step, "eval_loss": eval_loss})
+
+
+def read_config(run_dir: Path | str) -> dict:
+    """config.json of a run folder, the settings it was trained with ({} when it has none)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} is damaged ({exc}); cannot take the run's settings from it",
+                       hint="give every setting on the command line, or start a new run") from exc
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def trained_on(run_info: dict, bundle_dir: Path | str) -> bool:
+    """Whether `bundle_dir` is the bundle run.json names by its manifest sha256 (also after `ortft upgrade`)."""
+    from .manifest import bundle_digests
+
+    return run_info.get("bundle_manifest_sha256") in bundle_digests(bundle_dir)
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """Where a run's bundle and the chosen checkpoint's adapter weights live."""
+
+    run_dir: Path
+    bundle_dir: Path
+    checkpoint_dir: Path | None
+    adapter_path: Path
+
+
+def resolve_run_checkpoint(run_dir: Path | str, checkpoint: str = LATEST_CHECKPOINT) -> RunCheckpoint:
+    """Read RUN_DIR/run.json and pick a checkpoint: `latest`, `best` or a path (folder or .safetensors).
+
+    The bundle named in run.json must still have the manifest the run was trained on.
+    """
+    run_dir = Path(run_dir)
+    run_info = read_run(run_dir)
+    if not run_info.get("bundle"):
+        raise RunError(f"{run_dir / RUN_FILE} does not name its bundle", hint="the run folder is damaged")
+    bundle_dir = run_bundle_dir(run_dir, run_info)
+    if not (bundle_dir / MANIFEST_NAME).is_file():
+        raise RunError(
+            f"{run_dir / RUN_FILE} names bundle {bundle_dir}, which has no {MANIFEST_NAME}",
+            hint="move the bundle back to that path, or edit run.json to point at it",
+        )
+    if run_info.get("bundle_manifest_sha256") and not trained_on(run_info, bundle_dir):
+        raise RunError(
+            f"the bundle at {bundle_dir} is not the one run {run_dir} was trained on (manifest sha256 differs)",
+            hint="point run.json at the original bundle",
+        )
+    checkpoint_dir, adapter_path = _choose_checkpoint(run_dir, checkpoint)
+    return RunCheckpoint(run_dir, bundle_dir, checkpoint_dir, adapter_path)
+
+
+def _choose_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path | None, Path]:
+    """A checkpoint folder (verified against its recorded hashes) and its adapter; or a bare adapter file."""
+    if checkpoint not in (LATEST_CHECKPOINT, BEST_CHECKPOINT):
+        path = Path(checkpoint)
+        candidate = path if path.is_absolute() or path.exists() else run_dir / path
+        if candidate.is_file():
+            return None, candidate
+    folder = resolve_checkpoint(run_dir, checkpoint)
+    return folder, folder / ADAPTER_FILE

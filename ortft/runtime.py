@@ -18,15 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, QUANTIZED_DATA, TRAINING_GRAPH, BundleManifest
 from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_DATA = "quantized_weights.data"  # present in QLoRA bundles (ortft/prepare/artifacts.py)
-FROZEN_DATA = "frozen_weights.data"  # the frozen float weights, initializers of both graphs
-TRAINING_GRAPH = "training_model.onnx"
-EVAL_GRAPH = "eval_model.onnx"
-INITIAL_ADAPTER = "initial_adapter.safetensors"  # the trainable tensors' starting values
 GRAD_SUFFIX = "_grad"  # the training graph's output for trainable tensor NAME is NAME_grad
 
 
@@ -142,18 +138,23 @@ def without_arena(options) -> None:
 def load_parameters(path: Path, names: list[str], shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """The trainable tensors from a safetensors file, as float32 arrays keyed by graph name (with `shapes`,
     {name: shape} of the manifest, exactly those tensors with those shapes)."""
-    from .run import load_adapter
+    from .adapter import load_adapter
 
-    arrays = load_adapter(path)
+    return fit_parameters(load_adapter(path), names, shapes, str(path))
+
+
+def fit_parameters(arrays: dict[str, np.ndarray], names: list[str], shapes: dict[str, list[int]] | None,
+                   where: str) -> dict[str, np.ndarray]:
+    """`load_parameters`' checks and conversion for tensors already read (`where` names their source)."""
     if shapes is not None:
         from .adapter_tensors import require_adapter_fits
 
-        require_adapter_fits(shapes, arrays, str(path))
+        require_adapter_fits(shapes, arrays, where)
     missing = [name for name in names if name not in arrays]
     if missing:
         from .errors import RunError
 
-        raise RunError(f"{path} lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
+        raise RunError(f"{where} lacks {len(missing)} trainable tensors (e.g. {missing[0]})",
                        hint="use adapter weights made for this bundle")
     return {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in names}
 
@@ -185,32 +186,40 @@ class TrainingSession:
     `parameters` (a safetensors file, or None for the bundle's initial adapter) gives the starting
     values. `providers` is ORT's providers list ([(name, options), ...]; CPU when None): ORT places
     each node on the first provider that can run it. `with_optimizer=False` skips AdamW's state.
+    `graphs` (training graph, eval graph) names other graph files of the bundle with the same trainable
+    tensors: the frozen-prefix cache's suffix graphs (ortft/prefix_cache.py).
     """
 
     def __init__(self, bundle_dir, parameters=None, providers=None, threads: int | None = None,
-                 verbose: bool = False, with_optimizer: bool = True, manifest: dict | None = None):
+                 verbose: bool = False, with_optimizer: bool = True, manifest: dict | None = None,
+                 graphs: tuple[str, str] | None = None):
         from .manifest import read_manifest
         from .optimizer import AdamW, AdamWSettings, FlatTensors
 
         ort = onnxruntime_module()
         set_log_level(verbose)
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        self.trainable = [entry["name"] for entry in self.manifest["trainable"]]
-        source = Path(parameters) if parameters is not None else self.bundle_dir / INITIAL_ADAPTER
-        initial = load_parameters(source, self.trainable, {entry["name"]: entry["shape"] for entry in self.manifest["trainable"]})
+        self.manifest = BundleManifest.of(manifest) if manifest is not None else read_manifest(self.bundle_dir)
+        self.trainable = self.manifest.trainable_names
+        if parameters is not None:
+            initial = load_parameters(Path(parameters), self.trainable, self.manifest.trainable_shapes)
+        else:  # the bundle's initial adapter: its file and the manifest's zero tensors (ortft/initial_adapter.py)
+            from .initial_adapter import initial_parameters
+
+            initial = initial_parameters(self.bundle_dir, self.manifest)
         self.params = FlatTensors({name: initial[name].shape for name in self.trainable})
         self.params.assign(initial)
         del initial
         self.grads = FlatTensors(self.params.shapes)
         self._micro_grads = FlatTensors(self.params.shapes)  # the second and later micro-batches' gradients
         self.micro_batches = 0
-        self.optimizer = AdamW(self.params, AdamWSettings.from_manifest(self.manifest.get("optimizer", {}))) \
+        self.optimizer = AdamW(self.params, AdamWSettings.from_manifest(self.manifest.optimizer)) \
             if with_optimizer else None
         self.providers = providers or [("CPUExecutionProvider", {})]
         self.threads = threads
         self.verbose = verbose
         self.quantized = (self.bundle_dir / QUANTIZED_DATA).exists()
+        self.training_graph, self.eval_graph = graphs or (TRAINING_GRAPH, EVAL_GRAPH)
         self._ort = ort
         self._train_session = None
         self._eval_session = None
@@ -244,13 +253,13 @@ class TrainingSession:
     @property
     def train_session(self):
         if self._train_session is None:
-            self._train_session = self._session(TRAINING_GRAPH)
+            self._train_session = self._session(self.training_graph)
         return self._train_session
 
     @property
     def eval_session(self):
         if self._eval_session is None:
-            self._eval_session = self._session(EVAL_GRAPH)
+            self._eval_session = self._session(self.eval_graph)
         return self._eval_session
 
     @property
@@ -357,4 +366,4 @@ class TrainingSession:
         """Nodes per execution provider of the training graph, from one profiled run (a separate session)."""
         feeds = {name: np.ascontiguousarray(batch[name]) for name in self.input_names}
         feeds.update(self.params.to_dict(copy=False))
-        return node_placement(str(self.bundle_dir / TRAINING_GRAPH), self._options(), self.providers, feeds)
+        return node_placement(str(self.bundle_dir / self.training_graph), self._options(), self.providers, feeds)

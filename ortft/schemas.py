@@ -79,6 +79,7 @@ BUNDLE_MANIFEST = Obj({
         "betas?": ListOf(Number(min=0.0), max_items=2),
     }),
     "trainable": ListOf(TRAINABLE_ENTRY),
+    "initial_adapter_zeros?": ListOf(Str(max_length=1000)),
     "frozen?": ListOf(Str(max_length=1000)),
     "frozen_weights?": OneOf(Obj({"file?": RELATIVE_PATH, "tensors?": Int(min=0), "bytes?": Int(min=0)}), Null()),
     "num_trainable_parameters?": Int(min=0),

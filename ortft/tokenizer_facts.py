@@ -14,10 +14,10 @@ import json
 import shlex
 from pathlib import Path
 
+from .bundle import MANIFEST_NAME
 from .errors import UserError
 
 FACTS_FROM_GGUF = "gguf"
-MANIFEST_NAME = "manifest.json"
 
 # Round-trip texts: spaces (leading, double, tab, newline), accents, emoji (one a ZWJ sequence), CJK, digits.
 ROUND_TRIP_TEXTS = (

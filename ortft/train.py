@@ -31,18 +31,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import run as runs
+from .adapter import read_initial_adapter
 from .config import TrainConfig
-from .data import BatchIterator, DataConfig, LoaderPosition, TokenizedDataset, iter_eval_batches, load_train_and_valid
+from .data import BatchIterator, DataConfig, LoaderPosition, TokenizedDataset, load_train_and_valid
 from .errors import ConfigError, RunError, TrainingDivergedError
+from .evaluate import EvalResult, evaluate, scalar
 from .fsutil import check_output_dir, disk_error, sha256_file, write_json_atomic, write_text_atomic
-from .manifest import bundle_digests, manifest_digest
+from .manifest import manifest_digest
 from .optimizer import ADAMW_UPDATE
+from .prefix_cache import expected_batches, open_prefix_cache, prefix_cache_section, suffix_graphs
 from .progress import LogReporter, TrainReporter
 from .schedule import learning_rate
 from .threads import default_threads
 from .validate import require_valid
 
 if TYPE_CHECKING:  # the runtime imports onnxruntime: loaded when a session is opened
+    from .bundle import BundleManifest
     from .runtime import TrainingSession
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (Linux reports KB)."""
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage / 1024.0 if sys.platform != "darwin" else usage / (1024.0 * 1024.0)
-
-
-def scalar(outputs) -> float:
-    first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-    return float(np.asarray(first))
 
 
 @dataclass
@@ -122,66 +121,6 @@ class MetricsLog:
 
 
 @dataclass
-class EvalResult:
-    loss: float
-    tokens: int
-    examples: int
-    accuracy: float | None = None
-    precision: float | None = None  # token-cls: strict IOB2 entity scores (ortft/metrics.py)
-    recall: float | None = None
-    f1: float | None = None
-
-    @property
-    def perplexity(self) -> float:
-        return float(math.exp(min(self.loss, 700.0)))
-
-    def as_record(self, prefix: str = "eval_") -> dict:
-        record = {f"{prefix}loss": self.loss, f"{prefix}tokens": self.tokens}
-        if self.accuracy is None:
-            record[f"{prefix}perplexity"] = self.perplexity
-        else:
-            record[f"{prefix}accuracy"] = self.accuracy
-        for name in ("precision", "recall", "f1"):
-            if getattr(self, name) is not None:
-                record[f"{prefix}{name}"] = getattr(self, name)
-        return record
-
-
-def evaluate(session, dataset, data_config: DataConfig, task: str, max_batches: int | None = None) -> EvalResult:
-    """Token-weighted mean loss over a dataset (and accuracy for seq-cls; token accuracy and entity
-    precision, recall and F1 for token-cls), with the eval graph."""
-    from .metrics import TokenClassificationScores
-
-    token_scores = TokenClassificationScores(data_config.label_names or []) if task == "token-cls" else None
-    total_loss = 0.0
-    total_tokens = 0
-    examples = 0
-    correct = 0
-    session.release_idle_memory()  # the training step's freed heap and mapped weights go first (peak RSS)
-    try:
-        for batch in iter_eval_batches(dataset, data_config, max_batches):
-            if batch.num_label_tokens == 0:
-                continue
-            outputs = session.evaluate(batch.inputs)
-            loss = scalar(outputs)
-            total_loss += loss * batch.num_label_tokens
-            total_tokens += batch.num_label_tokens
-            examples += batch.num_examples
-            if task == "seq-cls":
-                logits = np.asarray(outputs[1])
-                correct += int((logits.argmax(axis=-1) == batch.inputs["labels"]).sum())
-            elif token_scores is not None:
-                token_scores.add(np.asarray(outputs[1]), batch.inputs["labels"])
-    finally:
-        session.release_idle_memory()
-    if total_tokens == 0:
-        raise RunError("the validation data holds no position to evaluate", hint="check the validation file")
-    if token_scores is not None:
-        return EvalResult(total_loss / total_tokens, total_tokens, examples, **token_scores.result())
-    return EvalResult(total_loss / total_tokens, total_tokens, examples, correct / examples if task == "seq-cls" else None)
-
-
-@dataclass
 class RunPlan:
     total_steps: int
     batches_per_epoch: int
@@ -199,9 +138,9 @@ def plan_steps(config: TrainConfig, batches_per_epoch: int) -> RunPlan:
     return RunPlan(total, batches_per_epoch, steps_per_epoch)
 
 
-def check_fits_bundle(config: TrainConfig, manifest: dict) -> None:
+def check_fits_bundle(config: TrainConfig, manifest: BundleManifest) -> None:
     """The settings that depend on the bundle: --seq-len at most its max_seq_len."""
-    max_len = int(manifest["model"]["max_seq_len"])
+    max_len = manifest.max_seq_len
     if config.seq_len > max_len:
         raise ConfigError(f"--seq-len {config.seq_len} exceeds the bundle's max_seq_len {max_len}", hint=f"use at most {max_len}")
 
@@ -210,7 +149,7 @@ def _resume_state(config: TrainConfig, run_dir: Path, bundle_digest: str, data_s
     if not config.resume:
         return None, None
     run_info = runs.read_run(run_dir)
-    if run_info.get("bundle_manifest_sha256") not in bundle_digests(Path(config.bundle)):
+    if not runs.trained_on(run_info, Path(config.bundle)):
         raise RunError(
             f"the bundle changed since run {run_dir} began (manifest sha256 differs)",
             hint="resume with the same bundle, or start a new run with another --out",
@@ -263,18 +202,6 @@ def _placement_note(session, providers, batch_inputs: dict) -> tuple[dict, str |
                     ", ".join(f"{name} {count} of {total}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
-def read_initial_adapter(manifest: dict, path: Path) -> dict[str, np.ndarray]:
-    """`--init-adapter`: a safetensors file holding exactly the bundle's trainable tensors, finite float32/float16
-    (bfloat16 converted); checked before the run folder is made, so a bad file leaves nothing behind."""
-    from .export import check_adapter, load_adapter
-
-    if not Path(path).is_file():
-        raise ConfigError(f"--init-adapter {path} is not a file", hint="pass the adapter.safetensors of a run or of `ortft export --format adapter`")
-    adapter = load_adapter(path)
-    check_adapter(manifest, adapter, where=str(path))
-    return adapter
-
-
 @dataclass
 class TrainingRun:
     """One run as `setup` made it and `train_step` advances it: bundle, data, session, plan, and progress so far."""
@@ -282,7 +209,7 @@ class TrainingRun:
     config: TrainConfig
     bundle: Path
     run_dir: Path
-    manifest: dict
+    manifest: BundleManifest
     bundle_digest: str
     providers: list
     device: str
@@ -305,10 +232,11 @@ class TrainingRun:
     trained_tokens: int = 0
     train_seconds: float = 0.0
     placement: dict | None = None  # nodes per execution provider, measured on the first batch
+    prefix_section: dict | None = None  # the frozen-prefix cache's manifest section when the session uses it (issue 26)
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.manifest.task
 
 
 def train(config: TrainConfig, quiet: bool = False, on_step=None, reporter: TrainReporter | None = None) -> dict:
@@ -340,6 +268,8 @@ def train(config: TrainConfig, quiet: bool = False, on_step=None, reporter: Trai
     finally:
         reporter.close()
         run.metrics.close()
+        if run.prefix_section:
+            run.session.close()  # removes the cache's spill file
     return finish(run, stop, started)
 
 
@@ -368,7 +298,9 @@ def setup(config: TrainConfig, reporter: TrainReporter) -> TrainingRun:
         reporter.note(note)
 
     start_step = int(resume_state["step"]) if resume_state else 0
-    session = open_session(config, bundle, manifest, providers, threads, resume_folder, init_adapter)
+    prefix_section = prefix_cache_section(manifest, bundle) if config.prefix_cache else None  # issue 26
+    cached_batches = expected_batches(batches, valid_set, data_config, config.max_eval_batches) if prefix_section else ()
+    session = open_session(config, bundle, manifest, providers, threads, resume_folder, init_adapter, prefix_section, cached_batches)
     _seed_ort(config.seed + start_step)
     position = LoaderPosition.from_dict(resume_state["data_position"]) if resume_state else None
     first_eval = None
@@ -383,6 +315,7 @@ def setup(config: TrainConfig, reporter: TrainReporter) -> TrainingRun:
         stream=batches.batches(position), data_position=position or LoaderPosition(fingerprint=batches.fingerprint),
         step=start_step, resumed=resume_state is not None,
         best=dict(resume_state.get("best") or {}) if resume_state else {}, first_eval=first_eval,
+        prefix_section=prefix_section,
     )
 
 
@@ -394,12 +327,12 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
         raise RunError(f"--resume: {run_dir} is not a run folder", hint="drop --resume to start a new run there")
 
 
-def load_data(config: TrainConfig, bundle: Path, manifest: dict) -> tuple[DataConfig, TokenizedDataset, TokenizedDataset | None, dict]:
+def load_data(config: TrainConfig, bundle: Path, manifest: BundleManifest) -> tuple[DataConfig, TokenizedDataset, TokenizedDataset | None, dict]:
     """The training and validation sets, tokenized with the bundle's tokenizer, and the sha256 of their files."""
     from .tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(bundle / manifest["tokenizer"]["dir"])
-    data_config = DataConfig.from_train_config(config, task=manifest["task"], label_names=manifest.get("labels"))
+    tokenizer = load_tokenizer(manifest.tokenizer_path(bundle))
+    data_config = DataConfig.from_train_config(config, task=manifest.task, label_names=manifest.labels)
     train_set, valid_set = load_train_and_valid(config.data, tokenizer, data_config, config.valid, config.valid_fraction)
     data_sha = {"train": train_set.sha256}
     if config.valid:
@@ -407,7 +340,7 @@ def load_data(config: TrainConfig, bundle: Path, manifest: dict) -> tuple[DataCo
     return data_config, train_set, valid_set, data_sha
 
 
-def _write_run_records(config: TrainConfig, run_dir: Path, bundle: Path, manifest: dict, bundle_digest: str, new_run: bool,
+def _write_run_records(config: TrainConfig, run_dir: Path, bundle: Path, manifest: BundleManifest, bundle_digest: str, new_run: bool,
                        resolved: dict) -> None:
     """run.json for a new run; config.json (the settings as resolved for this start) every time."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +349,7 @@ def _write_run_records(config: TrainConfig, run_dir: Path, bundle: Path, manifes
             "format": "ortft-run",
             "bundle": runs.bundle_reference(run_dir, bundle),
             "bundle_manifest_sha256": bundle_digest,
-            "task": manifest["task"],
+            "task": manifest.task,
             "created": _now(),
             # file names only: run.json travels with the run; the data's sha256 is in every checkpoint
             "data": {"train": Path(config.data).name, "valid": Path(config.valid).name if config.valid else None},
@@ -424,7 +357,7 @@ def _write_run_records(config: TrainConfig, run_dir: Path, bundle: Path, manifes
     write_json_atomic(run_dir / runs.CONFIG_FILE, {**config.to_dict(), **resolved})
 
 
-def run_notes(config: TrainConfig, bundle: Path, manifest: dict, train_set: TokenizedDataset,
+def run_notes(config: TrainConfig, bundle: Path, manifest: BundleManifest, train_set: TokenizedDataset,
               valid_set: TokenizedDataset | None) -> list[str]:
     """What the user should know about this run's data and bundle, said once (and kept in the summary)."""
     from .tokenizer_facts import tokenizer_notes
@@ -432,20 +365,26 @@ def run_notes(config: TrainConfig, bundle: Path, manifest: dict, train_set: Toke
     notes = train_set.stats.notes("training", config.seq_len, None if config.batch_tokens else config.batch_size)
     if config.valid and valid_set is not None:  # a --valid-fraction part is counted with its file above
         notes.extend(valid_set.stats.notes("validation", config.seq_len, None))
-    if manifest.get("optimizer", {}).get("update") != ADAMW_UPDATE:
+    if manifest.optimizer.get("update") != ADAMW_UPDATE:
         notes.append("this bundle was prepared with the old transformers.AdamW update; ortft now always makes "
                      "PyTorch's AdamW update (its losses differ from runs made before)")
     notes.extend(tokenizer_notes(bundle, manifest))  # a GGUF bundle prepared before its tokenizer kept the GGUF's tokens
     return notes
 
 
-def open_session(config: TrainConfig, bundle: Path, manifest: dict, providers, threads: int, resume_folder: Path | None,
-                 init_adapter: dict[str, np.ndarray] | None) -> TrainingSession:
-    """The training session with the adapter to start from: a checkpoint's (and its optimizer state), --init-adapter's, or the bundle's."""
+def open_session(config: TrainConfig, bundle: Path, manifest: BundleManifest, providers, threads: int, resume_folder: Path | None,
+                 init_adapter: dict[str, np.ndarray] | None, prefix_section: dict | None = None, cached_batches=()) -> TrainingSession:
+    """The training session with the adapter to start from: a checkpoint's (and its optimizer state), --init-adapter's, or the bundle's.
+
+    With `prefix_section` it runs the suffix graphs, fed each row's prefix output, computed once (ortft/prefix_cache.py);
+    `cached_batches` are the batches the run will see."""
     from .runtime import TrainingSession
 
     session = TrainingSession(bundle, parameters=(resume_folder / runs.ADAPTER_FILE) if resume_folder else None,
-                              providers=providers, threads=threads, verbose=config.verbose, manifest=manifest)
+                              providers=providers, threads=threads, verbose=config.verbose, manifest=manifest,
+                              graphs=suffix_graphs(prefix_section))
+    if prefix_section:
+        session = open_prefix_cache(session, prefix_section, Path(config.out), config.prefix_cache_mb, cached_batches)
     if resume_folder:
         saved_optimizer = runs.read_optimizer_state(resume_folder)
         if saved_optimizer is None:
@@ -540,7 +479,7 @@ def save_checkpoint(run: TrainingRun) -> Path:
         "first_eval_loss": run.first_eval.loss if run.first_eval else None,
         "saved": _now(),
     }
-    adapter = {entry["name"]: run.session.parameter(entry["name"]) for entry in run.manifest["trainable"]}
+    adapter = {name: run.session.parameter(name) for name in run.manifest.trainable_names}
     optimizer_state, optimizer_step = run.session.optimizer_state()
     folder = runs.write_checkpoint(run.run_dir, run.step, adapter, state, optimizer_state, optimizer_step)
     protect = {run.run_dir / run.best["checkpoint"]} if run.best.get("checkpoint") else set()
@@ -567,6 +506,7 @@ def finish(run: TrainingRun, stop: StopRequest, started: float) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "provider": run.device,
         "nodes_per_provider": run.placement or None,
+        "prefix_cache": run.session.store.stats.to_dict() if run.prefix_section else None,
         "data": run.train_set.stats.to_dict(),
         "notes": run.notes,
     }

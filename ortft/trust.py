@@ -19,6 +19,7 @@ import posixpath
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .bundle import MANIFEST_NAME
 from .errors import BundleError
 from .fsutil import sha256_file
 
@@ -285,7 +286,7 @@ def open_export(folder: Path | str) -> dict:
     from .json_types import check
     from .schemas import EXPORT_MANIFEST
 
-    check(manifest, EXPORT_MANIFEST, str(folder / "manifest.json"), BundleError, hint="the export was edited or damaged: export again")
+    check(manifest, EXPORT_MANIFEST, str(folder / MANIFEST_NAME), BundleError, hint="the export was edited or damaged: export again")
     verify_folder(folder, manifest["files"], True, BundleError, "export")
     tokenizer_dir = (manifest.get("tokenizer") or {}).get("dir") or "."
     check_tokenizer_files(folder, manifest, tokenizer_dir, "export")
@@ -298,7 +299,7 @@ def open_model_folder(folder: Path | str) -> dict:
     import json
 
     folder = Path(folder)
-    path = member_path(folder, "manifest.json", BundleError, "folder") if os.path.lexists(folder / "manifest.json") else None
+    path = member_path(folder, MANIFEST_NAME, BundleError, "folder") if os.path.lexists(folder / MANIFEST_NAME) else None
     if path is None:
         raise BundleError(f"{folder} has no manifest.json", hint="pass a folder made by `ortft export` (or a run folder)")
     try:

@@ -17,15 +17,13 @@ import os
 import shutil
 from pathlib import Path
 
+from .bundle import FROZEN_DATA, GRAPH_FILES, INITIAL_ADAPTER, TRAINING_API_CHECKPOINT, TRAINING_API_FILES
 from .errors import BundleError
 from .fsutil import staged_dir
 from .manifest import FORMAT_VERSION, TRAINING_API_FORMAT, load_verified, manifest_digest, write_manifest
 from .optimizer import ADAMW_UPDATE
-from .runtime import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, TRAINING_GRAPH
 
 log = logging.getLogger(__name__)
-
-DROPPED = ("checkpoint", "checkpoint.data", "optimizer_model.onnx")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -41,7 +39,7 @@ def _frozen_into_graphs(folder: Path, frozen: dict) -> int:
     import onnx
     from onnx import TensorProto, helper
 
-    from .graph.external_tensors import ExternalizeInputs, write_external_blobs
+    from .graph.externalize_inputs import ExternalizeInputs, write_external_blobs
 
     if (folder / FROZEN_DATA).exists():
         raise BundleError(f"{folder.name}: both a checkpoint with frozen tensors and {FROZEN_DATA}",
@@ -54,7 +52,7 @@ def _frozen_into_graphs(folder: Path, frozen: dict) -> int:
     for name, value in frozen.items():
         shape = helper.make_tensor(name, dtypes[str(value.dtype)], list(value.shape), vals=[], raw=True)
         shapes[name] = shape
-    for file_name in (TRAINING_GRAPH, EVAL_GRAPH):
+    for file_name in GRAPH_FILES:
         path = folder / file_name
         graph = onnx.load(str(path), load_external_data=False)
         wanted = {value.name for value in graph.graph.input} & set(shapes)
@@ -69,26 +67,26 @@ def upgrade_bundle(bundle: Path | str, quiet: bool = False, report=None) -> dict
     `report(line)` hears what was done (the CLI prints it; default: the log at INFO); `quiet` says nothing."""
     from .legacy_checkpoint import read_ort_checkpoint
     from .graph.lower_bundle import lower_training_graphs
-    from .run import adapter_bytes
+    from .adapter import adapter_bytes
 
     bundle = Path(bundle)
     manifest = load_verified(bundle)
-    if int(manifest.get("format_version", 0)) > TRAINING_API_FORMAT:
+    if manifest.format_version > TRAINING_API_FORMAT:
         if not quiet:
-            (report or log.info)(f"{bundle} is already a stock-onnxruntime bundle (format_version {manifest['format_version']})")
+            (report or log.info)(f"{bundle} is already a stock-onnxruntime bundle (format_version {manifest.format_version})")
         return manifest
     old_digest = manifest_digest(bundle)
-    checkpoint = read_ort_checkpoint(bundle / "checkpoint")
-    trainable = [entry["name"] for entry in manifest["trainable"]]
+    checkpoint = read_ort_checkpoint(bundle / TRAINING_API_CHECKPOINT)
+    trainable = manifest.trainable_names
     missing = [name for name in trainable if name not in checkpoint.trainable]
     if missing:
         raise BundleError(f"{bundle}/checkpoint lacks trainable tensors the manifest lists (e.g. {missing[0]})",
                           hint="prepare the bundle again")
     with staged_dir(bundle, force=True) as stage:
-        for rel in manifest["files"]:
-            if rel not in DROPPED and rel not in (TRAINING_GRAPH, EVAL_GRAPH):
+        for rel in manifest.files:
+            if rel not in TRAINING_API_FILES and rel not in GRAPH_FILES:
                 _link_or_copy(bundle / rel, stage / rel)
-        for rel in (TRAINING_GRAPH, EVAL_GRAPH):
+        for rel in GRAPH_FILES:
             shutil.copy2(bundle / rel, stage / rel)  # rewritten below: never a link to the old file
         (stage / INITIAL_ADAPTER).write_bytes(adapter_bytes({name: checkpoint.trainable[name] for name in trainable}))
         moved = _frozen_into_graphs(stage, checkpoint.frozen) if checkpoint.frozen else 0

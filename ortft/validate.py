@@ -3,7 +3,8 @@
 Checks: manifest hashes; IR version and opsets that onnxruntime releases from 1.19 on read; no
 training-only op left (stock onnxruntime runs both graphs); the trainable set equals the manifest's
 and the initial adapter's; one synthetic training step gives a finite loss and finite gradients for
-every trainable tensor, and the optimizer step changes them.
+every trainable tensor, and the optimizer step changes them; with a frozen-prefix cache
+(ortft/prefix_cache.py), its prefix and suffix graphs give the full eval graph's loss.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import GRAPH_FILES, INITIAL_ADAPTER, BundleManifest
 from .errors import BundleError
 from .manifest import load_verified, require_stock_runtime
-from .runtime import EVAL_GRAPH, GRAD_SUFFIX, INITIAL_ADAPTER, TRAINING_GRAPH
+from .runtime import GRAD_SUFFIX
 
 MAX_IR_VERSION = 10  # onnxruntime 1.19 reads ONNX IR version <= 10; newer releases read these too
 MAX_DEFAULT_OPSET = 21  # onnxruntime 1.19 implements the default domain up to opset 21
-GRAPHS = (TRAINING_GRAPH, EVAL_GRAPH)
+GRAPHS = GRAPH_FILES
 REQUIRED_FILES = GRAPHS + (INITIAL_ADAPTER,)
 
 
@@ -52,18 +54,19 @@ def check_graph_versions(bundle: Path) -> list[str]:
 
 def synthetic_batch(manifest: dict, batch: int = 2, seq: int = 8, seed: int = 0) -> dict:
     """A valid random batch for the bundle's graph inputs (every position labelled)."""
+    manifest = BundleManifest.of(manifest)
     rng = np.random.default_rng(seed)
-    vocab = int(manifest["model"]["vocab_size"])
+    vocab = manifest.vocab_size
     input_ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
     result = {
         "input_ids": input_ids,
         "attention_mask": np.ones((batch, seq), dtype=np.int64),
         "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
     }
-    if manifest["task"] == "seq-cls":
-        result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch,), dtype=np.int64)
-    elif manifest["task"] == "token-cls":
-        result["labels"] = rng.integers(0, len(manifest["labels"]), size=(batch, seq), dtype=np.int64)
+    if manifest.task == "seq-cls":
+        result["labels"] = rng.integers(0, len(manifest.labels), size=(batch,), dtype=np.int64)
+    elif manifest.task == "token-cls":
+        result["labels"] = rng.integers(0, len(manifest.labels), size=(batch, seq), dtype=np.int64)
     else:
         result["labels"] = input_ids.copy()
     return result
@@ -94,7 +97,7 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     report = ValidationReport()
     manifest = load_verified(bundle)  # raises BundleError listing damaged files
     require_stock_runtime(bundle, manifest)
-    report.add("manifest hashes", True, f"{len(manifest['files'])} files match")
+    report.add("manifest hashes", True, f"{len(manifest.files)} files match")
     from .tokenizer_facts import tokenizer_checks  # special tokens agree with the source; round trip
 
     report.checks.extend(tokenizer_checks(bundle, manifest))
@@ -110,8 +113,10 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     except Exception as exc:  # ORT raises plain RuntimeError/Fail for unloadable graphs
         report.add("onnxruntime loads both graphs and the initial adapter", False, str(exc).splitlines()[0][:300])
         return report
-    report.add("onnxruntime loads both graphs and the initial adapter", True, f"{len(session.trainable)} trainable tensors")
-    expected = [entry["name"] for entry in manifest["trainable"]]
+    zeros = len(manifest.get("initial_adapter_zeros") or [])
+    report.add("onnxruntime loads both graphs and the initial adapter", True, f"{len(session.trainable)} trainable tensors"
+               + (f", {zeros} of them zeros the manifest lists (not stored)" if zeros else ""))
+    expected = manifest.trainable_names
     missing_inputs = [name for name in expected if name not in graph_inputs]
     missing_grads = [name for name in expected if name + GRAD_SUFFIX not in graph_outputs]
     extra_grads = sorted(name for name in graph_outputs if name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] not in expected)
@@ -122,6 +127,14 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     if not train_step or not same:
         return report
     batch = synthetic_batch(manifest)
+    if manifest.get("prefix_cache"):  # the frozen-prefix cache's graphs compute what the full graphs do
+        from .prefix_cache import cached_loss
+
+        full = session.evaluate(batch)
+        full = float(np.asarray(full[0] if isinstance(full, list) else full))
+        cached = cached_loss(bundle, manifest, batch, threads)
+        close = abs(cached - full) <= 1e-4 * abs(full)
+        report.add("prefix cache graphs give the full graphs' loss", close, f"{cached:.6f} vs {full:.6f}")
     before = session.adapter()
     outputs = session.train_step_forward_backward(batch)
     loss = float(np.asarray(outputs[0] if isinstance(outputs, list) else outputs))
@@ -138,11 +151,11 @@ def validate_bundle(bundle: Path | str, threads: int | None = None, train_step: 
     return report
 
 
-def require_valid(bundle: Path | str) -> dict:
+def require_valid(bundle: Path | str) -> BundleManifest:
     """For commands that consume a bundle: manifest + hashes, or a BundleError."""
     manifest = load_verified(bundle)
     require_stock_runtime(bundle, manifest)
     for name in REQUIRED_FILES:
-        if name not in manifest["files"]:
+        if name not in manifest.files:
             raise BundleError(f"bundle {bundle} lacks {name}", hint="prepare the bundle again")
     return manifest

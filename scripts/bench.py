@@ -207,11 +207,10 @@ def worker_prepare(spec: dict) -> dict:
         prepare_bundle(config, quiet=True)
         write_bytes_atomic(code_stamp(bundle), bundle_code_hash().encode())
     if not init.is_file():
-        from safetensors.numpy import load_file
+        from ortft.initial_adapter import initial_parameters
+        from ortft.manifest import read_manifest
 
-        from ortft.runtime import INITIAL_ADAPTER
-
-        arrays = load_file(str(bundle / INITIAL_ADAPTER))
+        arrays = initial_parameters(bundle, read_manifest(bundle))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         write_bytes_atomic(init, buffer.getvalue())

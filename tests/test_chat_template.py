@@ -6,7 +6,7 @@ import pytest
 
 from ortft.chat_template import ChatTemplate
 from ortft.errors import DataError, TemplateError
-from test_tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer
+from helpers.tokenizers import build_tiny_tokenizer, CHATML_TEMPLATE
 
 VARIABLES = {"bos_token": "<s>", "eos_token": "<|im_end|>"}
 

@@ -22,17 +22,13 @@ from ortft.data import (
 )
 from ortft.errors import ConfigError, DataError, RunError, TemplateError
 from ortft.tokenizer import load_tokenizer
-from test_tokenizer import write_tiny_tokenizer
+from helpers.data import write_jsonl
+from helpers.tokenizers import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok"))
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return path
 
 
 def config(**overrides) -> DataConfig:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import packaged_model_dir
-from test_data import write_jsonl
-from test_tokenizer import write_tiny_tokenizer
+from helpers.paths import packaged_model_dir
+from helpers.data import write_jsonl
+from helpers.tokenizers import write_tiny_tokenizer
 
 from ortft.data import IGNORE_INDEX, DataConfig, iter_eval_batches, load_dataset
 from ortft.data_ner import WordText, cut_words, first_subtokens, joined_tokens, words_of

@@ -12,7 +12,11 @@ import pytest
 from ortft import run as runs
 from ortft.errors import DataError, RunError
 from ortft.evaluate import evaluate_path
-from train_helpers import FAST, ROOT, eval_losses, ok, run_ortft, tiny_bundle, user_error, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.cli import FAST, ok, run_ortft, user_error
+from helpers.data import write_text_data
+from helpers.paths import ROOT
+from helpers.runs import eval_losses
 
 
 @pytest.fixture(scope="module")

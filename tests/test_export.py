@@ -1,6 +1,6 @@
 """Tests of `ortft export`: merged ONNX equals PEFT's logits (LoRA, DoRA, Phi-3), PEFT folders load, errors are clean.
 
-Bundles are tiny random models built in fixtures (tests/tiny_bundle.py); nothing is downloaded.
+Bundles are tiny random models built in fixtures (tests/helpers/bundles.py); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from ortft.export import (
     export_peft,
     export_run,
     merge_weights,
-    resolve_run_checkpoint,
 )
-from tiny_bundle import build_bundle, make_run, onnx_logits, torch_logits
+from ortft.run import resolve_run_checkpoint
+from helpers.bundles import build_bundle
+from helpers.cli import BLOCK_HOST_PACKAGES
+from helpers.reference import onnx_logits, torch_logits
+from helpers.runs import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,17 +240,6 @@ def test_cli_export_and_user_errors(lora_bundle, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path), "--out", str(tmp_path / "other"), "--format", "adapter"])
     assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
-
-
-BLOCK_HOST_PACKAGES = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum'):
-            raise ImportError('blocked on the device: ' + name)
-sys.meta_path.insert(0, Block())
-from ortft.cli import main
-"""
 
 
 def test_device_side_needs_no_torch(lora_bundle, tmp_path):

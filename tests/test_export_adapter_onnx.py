@@ -10,8 +10,10 @@ import threading
 
 import numpy as np
 import pytest
-from runtime_venvs import run_genai
-from tiny_bundle import build_bundle, make_run, onnx_logits, torch_logits
+from helpers.runtime_venvs import run_genai
+from helpers.bundles import build_bundle
+from helpers.reference import onnx_adapter_logits, onnx_logits, torch_logits
+from helpers.runs import make_run
 
 from ortft.config import SamplingSettings
 from ortft.errors import BundleError, ConfigError, OutputExistsError
@@ -38,23 +40,6 @@ def _other_adapter(bundle, seed: int) -> dict:
 def _greedy(folder, adapter=None) -> list[list[int]]:
     generator = Generator(folder, threads=1, adapter=adapter)
     return [generator.generate_ids(prompt, GREEDY) for prompt in PROMPTS]
-
-
-def _adapter_logits(folder, name, input_ids):
-    """Logits with onnxruntime's own adapter API (RunOptions.add_active_adapter)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(folder / "adapters" / f"{name}.onnx_adapter"))
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
-    return session.run(["logits"], feeds, options)[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +71,7 @@ def test_adapter_inputs_give_the_merged_logits(kind, lora, tmp_path):
     export_onnx_adapter(bundle.bundle_dir, bundle.manifest, bundle.adapter, out, "tuned")
     input_ids = _input_ids()
     expected = torch_logits(bundle.peft_model, input_ids)
-    np.testing.assert_allclose(_adapter_logits(out, "tuned", input_ids), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx_adapter_logits(out, "tuned", input_ids), expected, atol=1e-4, rtol=0)
     # without an adapter the graph is the base model
     base = torch_logits(bundle.base_model, input_ids)
     assert np.abs(expected - base).max() > 1e-2

@@ -2,7 +2,7 @@
 logits and the eval graph's, `--format peft` loads with AutoModelFor*Classification + PeftModel, and the
 formats that serve causal LMs are refused.
 
-Bundles are tiny random models prepared once per session (tests/train_helpers.py); nothing is downloaded.
+Bundles are tiny random models prepared once per session (tests/helpers/bundles.py); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from prepare.helpers import batch_for, randomize_adapters, torch_peft_model
-from tiny_bundle import make_run
-from train_helpers import tiny_bundle
+from helpers.reference import batch_for, randomize_adapters, torch_peft_model
+from helpers.runs import make_run
+from helpers.bundles import tiny_bundle
 
 from ortft.errors import ConfigError
 from ortft.export import export_run

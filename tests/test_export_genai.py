@@ -1,6 +1,6 @@
 """Tests of genai_config.json and of ortft's exports in onnxruntime-genai 0.18 (in its own venv: scripts/genai-venv.sh).
 
-The consumer runs tests/genai_runner.py; greedy tokens must equal `ortft generate`'s. Tiny random models
+The consumer runs tests/helpers/genai_runner.py; greedy tokens must equal `ortft generate`'s. Tiny random models
 here; SmolLM2 in the slow tests.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from runtime_venvs import run_genai
-from tiny_bundle import build_bundle, make_run
+from helpers.runtime_venvs import run_genai
+from helpers.bundles import build_bundle
+from helpers.runs import make_run
 
 from ortft.config import SamplingSettings
 from ortft.errors import BundleError

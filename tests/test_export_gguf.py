@@ -8,8 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from runtime_venvs import ROOT, llama_cpp_python, run_json
-from tiny_bundle import build_bundle, make_run
+from helpers.runtime_venvs import llama_cpp_python, ROOT, run_json
+from helpers.bundles import build_bundle
+from helpers.runs import make_run
 
 from ortft.config import SamplingSettings
 from ortft.errors import BundleError, ConfigError
@@ -210,7 +211,7 @@ def test_pre_tokenizer_names():
 def test_llama_cpp_generates_ortft_greedy_tokens_from_merged_and_base_plus_lora(llama, tmp_path):
     root = llama["root"]
     python = llama_cpp_python()
-    runner = ROOT / "tests" / "llama_cpp_runner.py"
+    runner = ROOT / "tests" / "helpers" / "llama_cpp_runner.py"
     request = {"prompts": PROMPTS, "texts": ["The capital of France is Paris."], "max_new_tokens": MAX_NEW}
     merged = run_json(python, runner, {**request, "model": str(root / "gguf-f32" / "model.gguf")}, tmp_path)
     with_lora = run_json(python, runner, {**request, "model": str(root / "base" / "model.gguf"),

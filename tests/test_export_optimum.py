@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_bundle import build_bundle, make_run
+from helpers.bundles import build_bundle
+from helpers.runs import make_run
 
 from ortft.config import SamplingSettings
 from ortft.export import export_run

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_bundle import build_bundle, make_run, onnx_logits
+from helpers.bundles import build_bundle
+from helpers.reference import onnx_logits
+from helpers.runs import make_run
 
 from ortft.export import (
     InferenceTemplate,
@@ -221,7 +223,7 @@ def test_cli_quantize_and_user_errors(exports, tmp_path):
 
 
 def test_device_side_quantized_export_needs_no_torch(exports, tmp_path):
-    from test_export import BLOCK_HOST_PACKAGES
+    from helpers.cli import BLOCK_HOST_PACKAGES
 
     out = tmp_path / "q4"
     script = BLOCK_HOST_PACKAGES + f"""

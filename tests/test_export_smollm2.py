@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from runtime_venvs import ROOT, llama_cpp_python, run_genai, run_json
+from helpers.runtime_venvs import llama_cpp_python, ROOT, run_genai, run_json
 
 from ortft.config import SamplingSettings
 from ortft.export import export_merged_onnx
@@ -129,7 +129,7 @@ def test_gguf_in_transformers_and_llama_cpp(smol, tmp_path):
         produced = output[0, len(prompt):].tolist()
         assert produced[: len(tokens)] == tokens and produced[len(tokens):] in ([], eos[:1])
     python = llama_cpp_python()
-    runner = ROOT / "tests" / "llama_cpp_runner.py"
+    runner = ROOT / "tests" / "helpers" / "llama_cpp_runner.py"
     request = {"prompts": smol["prompts"], "max_new_tokens": MAX_NEW, "texts": QUESTIONS}
     merged = run_json(python, runner, {**request, "model": str(tmp_path / "merged" / "model.gguf")}, tmp_path)
     with_lora = run_json(python, runner, {**request, "model": str(tmp_path / "base" / "model.gguf"),

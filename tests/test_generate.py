@@ -1,6 +1,6 @@
 """Tests of `ortft generate`: greedy decoding equals transformers + PEFT token for token; sampling rules; the CLI.
 
-Uses a tiny random Llama bundle with a LoRA adapter (tests/tiny_bundle.py).
+Uses a tiny random Llama bundle with a LoRA adapter (tests/helpers/bundles.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ortft.generate import (
     next_token,
     open_generator,
 )
-from tiny_bundle import build_bundle, make_run
+from helpers.bundles import build_bundle
+from helpers.runs import make_run
 
 
 @pytest.fixture(scope="module")

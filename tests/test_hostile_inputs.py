@@ -1,7 +1,7 @@
 """Hostile inputs (issue 21): one test per finding, each repeating the attack on a tiny bundle, run, adapter,
 data file or template and asserting the clean refusal: exit 2, the file named, nothing written or copied.
 
-The attacker writes the manifest too (tests/hostile.py `reseal`), so only ortft's loader gate
+The attacker writes the manifest too (tests/helpers/hostile.py `reseal`), so only ortft's loader gate
 (ortft/trust.py) and its checks of values can tell. Federated replies: tests/federated/test_hostile_replies.py.
 """
 
@@ -14,21 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import (
+from helpers.hostile import (
     copy_bundle,
     edit_manifest,
     files_under,
     holds_secret,
     inference_graph,
     location_of,
-    make_run,
     point_external_data,
     refused,
     reseal,
     succeeds,
     write_secret,
 )
-from train_helpers import tiny_bundle, write_text_data
+from helpers.runs import make_run
+from helpers.bundles import tiny_bundle
+from helpers.data import write_text_data
 
 
 @pytest.fixture(scope="module")
@@ -336,10 +337,10 @@ def test_adapter_tensors_must_be_float_finite_and_exactly_the_bundles(bundle, da
     """--init-adapter: bfloat16 is converted (with a note); int64, bool, NaN, an extra tensor and a huge header are
     refused naming the file, before the run folder exists, so the same command works again with a good file;
     export refuses a checkpoint holding NaN rather than writing a NaN model."""
-    from ortft import run as runs
-    from ortft.runtime import INITIAL_ADAPTER
+    from ortft.initial_adapter import initial_parameters
+    from ortft.manifest import read_manifest
 
-    adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = initial_parameters(bundle, read_manifest(bundle))
     first = min(adapter)
     out = tmp_path / "run"
     nan = lambda name, value: np.full_like(value, np.nan) if name == first else value
@@ -408,7 +409,7 @@ def test_gguf_declared_sizes_are_checked_before_loading(tiny_llama, tmp_path, ca
     """A 0.5 MB-style tiny GGUF declaring embedding_length 65536 (transformers tried to allocate 17 GB): refused
     from its metadata before anything is loaded; a model too large for the memory there is is refused too."""
     import gguf
-    from prepare.tiny_gguf import write_tiny_gguf
+    from helpers.tiny_gguf import write_tiny_gguf
 
     from ortft.errors import ModelError
     from ortft.prepare.gguf_checks import check_gguf

@@ -8,19 +8,8 @@ import sys
 
 import pytest
 
+from helpers.memory import resident_kb
 from ortft.memory import drop_mapped_pages
-
-
-def _resident_kb(path) -> int:
-    """Rss of this process's mappings of `path`, from /proc/self/smaps."""
-    target, total, inside = str(path.resolve()), 0, False
-    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
-        for line in smaps:
-            if "-" in line.split(maxsplit=1)[0] and not line.startswith(("Rss", "Pss")):
-                inside = line.rstrip().endswith(target)
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the helper does nothing elsewhere")
@@ -31,9 +20,9 @@ def test_dropped_pages_leave_the_resident_set_and_read_back_the_same(tmp_path):
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         assert mapped[:] == data  # every page read, so resident
-        assert _resident_kb(path) >= 4096
+        assert resident_kb(path) >= 4096
         assert drop_mapped_pages(path) >= len(data)
-        assert _resident_kb(path) < 64
+        assert resident_kb(path) < 64
         assert mapped[:] == data  # paged back in from the page cache
         mapped.close()
 

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, packaged_model_dir
-from train_helpers import ok, read_metrics, run_ortft
+from helpers.paths import packaged_model_dir, ROOT
+from helpers.cli import ok, run_ortft
+from helpers.runs import read_metrics
 
 from ortft.manifest import read_manifest
 from ortft.validate import validate_bundle
@@ -50,8 +51,8 @@ def test_bundle_validates(bundle):
 def test_exports_give_pytorch_peft_logits(bundle, minilm_dir, tmp_path):
     import torch
     from peft import PeftModel
-    from prepare.helpers import randomize_adapters
-    from tiny_bundle import make_run
+    from helpers.reference import randomize_adapters
+    from helpers.runs import make_run
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from ortft.export import export_run

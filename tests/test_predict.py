@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from prepare.helpers import randomize_adapters
-from test_data import write_jsonl
-from tiny_bundle import make_run
-from train_helpers import ok, run_ortft, tiny_bundle, user_error
+from helpers.reference import randomize_adapters
+from helpers.data import write_jsonl
+from helpers.runs import make_run
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, run_ortft, user_error
 
 from ortft.data import IGNORE_INDEX, DataConfig, load_dataset
 from ortft.errors import ConfigError, DataError

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ortft.adapter import load_adapter
 from ortft import run as runs
 from ortft.errors import DiskWriteError, RunError
 from ortft.fsutil import TEMP_PREFIX
@@ -45,7 +46,7 @@ def test_write_checkpoint_writes_three_files_with_hashes(tmp_path):
     state = runs.read_state(folder)
     assert state["step"] == 3
     assert state["files"] == {name: runs.sha256_file(folder / name) for name in ("adapter.safetensors", "optimizer.safetensors")}
-    loaded = runs.load_adapter(folder / runs.ADAPTER_FILE)
+    loaded = load_adapter(folder / runs.ADAPTER_FILE)
     for name, value in adapter(3).items():
         assert loaded[name].dtype == np.float32 and np.array_equal(loaded[name], value)
     # The run's adapter.safetensors is the newest checkpoint's.
@@ -198,4 +199,37 @@ def test_load_adapter_rejects_a_damaged_file(tmp_path):
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(runs.adapter_bytes(adapter(1))[:20])
     with pytest.raises(RunError, match="not a readable safetensors file"):
-        runs.load_adapter(path)
+        load_adapter(path)
+
+
+def test_read_config_of_a_run(tmp_path):
+    run_dir = make_run(tmp_path)
+    assert runs.read_config(run_dir) == {}  # a run without config.json
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"seq_len": 64, "lr": 0.001}))
+    assert runs.read_config(run_dir) == {"seq_len": 64, "lr": 0.001}
+    (run_dir / runs.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(RunError, match="is damaged"):
+        runs.read_config(run_dir)
+
+
+def test_trained_on_and_resolve_run_checkpoint_name_the_bundle(tmp_path):
+    from ortft.manifest import manifest_digest
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"format": "ortft-bundle"}))
+    run_dir = make_run(tmp_path)
+    info = {"format": "ortft-run", "bundle": runs.bundle_reference(run_dir, bundle), "bundle_manifest_sha256": manifest_digest(bundle)}
+    (run_dir / runs.RUN_FILE).write_text(json.dumps(info))
+    assert runs.trained_on(info, bundle) and not runs.trained_on({**info, "bundle_manifest_sha256": "0" * 64}, bundle)
+    chosen = runs.resolve_run_checkpoint(run_dir, "checkpoints/step-00000004")
+    assert chosen.bundle_dir.resolve() == bundle.resolve() and chosen.checkpoint_dir.name == "step-00000004"
+    assert chosen.adapter_path == chosen.checkpoint_dir / runs.ADAPTER_FILE
+    adapter_file = run_dir / "checkpoints/step-00000002" / runs.ADAPTER_FILE
+    assert runs.resolve_run_checkpoint(run_dir, str(adapter_file)) == runs.RunCheckpoint(run_dir, chosen.bundle_dir, None, adapter_file)
+    (bundle / "manifest.json").write_text(json.dumps({"format": "ortft-bundle", "changed": True}))
+    with pytest.raises(RunError, match="not the one run"):
+        runs.resolve_run_checkpoint(run_dir)
+    (bundle / "manifest.json").unlink()
+    with pytest.raises(RunError, match="which has no manifest.json"):
+        runs.resolve_run_checkpoint(run_dir)

@@ -15,7 +15,8 @@ def _loss(outputs) -> float:
 def test_micro_batch_gradients_are_summed_and_reset_by_the_optimizer_step(tiny_llama, tmp_path):
     """Two micro-batches before one step: the gradients are the sum of each batch's own (bound outputs
     are overwritten per run, so the runtime must add them), and the step starts the next sum afresh."""
-    from prepare.helpers import batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import batch_for
 
     from ortft.runtime import TrainingSession
 
@@ -43,7 +44,8 @@ def test_micro_batch_gradients_are_summed_and_reset_by_the_optimizer_step(tiny_l
 def test_parameters_are_bound_without_copies(tiny_llama, tmp_path):
     """The training graph reads the parameter buffers themselves: a value set between two runs is what
     the next run sees (the loss changes), and setting the old value back gives the old loss exactly."""
-    from prepare.helpers import batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import batch_for
 
     from ortft.runtime import TrainingSession
 
@@ -64,8 +66,9 @@ def test_release_idle_memory_unmaps_the_frozen_weights_pages(tiny_llama, tmp_pat
     """Both sessions map frozen_weights.data, and RSS counts each mapping: after an evaluation, the eval
     session's pages would sit on top of the next training step's peak. release_idle_memory drops them;
     they read back from the page cache, unchanged."""
-    from prepare.helpers import batch_for, prepare_tiny
-    from test_memory import _resident_kb
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import batch_for
+    from helpers.memory import resident_kb
 
     from ortft.runtime import FROZEN_DATA, TrainingSession
 
@@ -75,9 +78,9 @@ def test_release_idle_memory_unmaps_the_frozen_weights_pages(tiny_llama, tmp_pat
     session.train_step_forward_backward(batch)
     before = _loss(session.evaluate(batch))
     store = tmp_path / "bundle" / FROZEN_DATA
-    assert _resident_kb(store) * 1024 >= 0.9 * manifest["frozen_weights"]["bytes"]
+    assert resident_kb(store) * 1024 >= 0.9 * manifest["frozen_weights"]["bytes"]
     session.release_idle_memory()
-    assert _resident_kb(store) < 64
+    assert resident_kb(store) < 64
     assert _loss(session.evaluate(batch)) == before
 
 
@@ -108,7 +111,7 @@ def test_batches_of_changing_shapes_do_not_pile_up_arena_memory(tiny_model_facto
     import json
     import subprocess
 
-    from prepare.helpers import prepare_tiny
+    from helpers.bundles import prepare_tiny
 
     model = tiny_model_factory("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
     manifest = prepare_tiny(model, tmp_path / "bundle")

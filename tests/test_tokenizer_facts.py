@@ -1,7 +1,7 @@
 """`ortft.tokenizer_facts`: validate's tokenizer checks and the note for GGUF bundles prepared before issue 19's fix.
 
 Tokenizer folders are made the way `prepare` makes them, from a tiny GGUF written in a fixture
-(tests/prepare/tiny_gguf.py): with ortft's GGUF tokenizer (a fixed bundle) and with transformers' own
+(tests/helpers/tiny_gguf.py): with ortft's GGUF tokenizer (a fixed bundle) and with transformers' own
 conversion (what bundles prepared before the fix hold).
 """
 
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prepare.tiny_gguf import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from ortft.tokenizer_facts import (
     ROUND_TRIP_CHECK,
@@ -169,7 +169,7 @@ def test_prepare_command_without_a_recorded_ortft_command(old):
 
 def test_generate_prints_the_note_for_an_old_gguf_bundle(tmp_path, capsys):
     """`ortft generate BUNDLE` (the bundle's base model) says how to fix a bundle prepared before the fix."""
-    from tiny_bundle import build_bundle
+    from helpers.bundles import build_bundle
 
     from ortft.cli import main
 
@@ -188,8 +188,9 @@ def test_generate_prints_the_note_for_an_old_gguf_bundle(tmp_path, capsys):
 def test_train_prints_the_note_for_an_old_gguf_bundle_only(gguf_path, tmp_path):
     """A real (tiny) bundle prepared from a GGUF trains without a note; with its source facts removed, as a
     bundle prepared before the fix has none, `train` prints the note and the command (and still trains)."""
-    from prepare.helpers import prepare_tiny
-    from train_helpers import FAST, ok, run_ortft, write_text_data
+    from helpers.bundles import prepare_tiny
+    from helpers.cli import FAST, ok, run_ortft
+    from helpers.data import write_text_data
 
     bundle = tmp_path / "bundle"
     prepare_tiny(gguf_path, bundle)

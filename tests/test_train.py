@@ -17,21 +17,11 @@ import yaml
 from ortft import run as runs
 from ortft.fsutil import TEMP_PREFIX
 from ortft.runtime import TrainingSession
-from train_helpers import (
-    FAST,
-    ROOT,
-    assert_same_training,
-    eval_losses,
-    ok,
-    ortft_command,
-    read_adapter,
-    read_metrics,
-    run_ortft,
-    tiny_bundle,
-    train_losses,
-    user_error,
-    write_text_data,
-)
+from helpers.bundles import tiny_bundle
+from helpers.cli import FAST, ok, ortft_command, run_ortft, user_error
+from helpers.data import write_text_data
+from helpers.paths import ROOT
+from helpers.runs import assert_same_training, eval_losses, read_adapter, read_metrics, train_losses
 
 # 16 examples at batch size 2: 8 batches per epoch, so 12 steps cross one epoch boundary (after step 8).
 BATCHES_PER_EPOCH = 8

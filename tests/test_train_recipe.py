@@ -12,7 +12,9 @@ from ortft.config import TrainConfig
 from ortft.errors import ConfigError
 from ortft.progress import TrainReporter
 from ortft.train import train
-from train_helpers import ok, run_ortft, tiny_bundle, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, run_ortft
+from helpers.data import write_text_data
 
 
 class RecordingReporter(TrainReporter):

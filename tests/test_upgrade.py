@@ -37,7 +37,7 @@ def ortft(*args, check=True):
 def test_reads_ort_checkpoints_without_the_training_build(legacy):
     """The run's ORT checkpoint holds the adapter the run also saved as safetensors, and AdamW's state."""
     from ortft.legacy_checkpoint import read_ort_checkpoint
-    from ortft.run import load_adapter
+    from ortft.adapter import load_adapter
 
     _bundle, run = legacy
     folder = run / "checkpoints" / "step-00000003"

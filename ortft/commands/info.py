@@ -14,30 +14,37 @@ def _size(num_bytes: int) -> str:
 
 
 def summary_lines(manifest: dict) -> list[str]:
-    model = manifest["model"]
-    adapter = manifest["adapter"]
+    from ..bundle import BundleManifest
+
+    manifest = BundleManifest.of(manifest)
+    model = manifest.model
+    adapter = manifest.adapter
     trainable = manifest["num_trainable_parameters"]
     total = trainable + manifest["num_frozen_parameters"]
-    source = manifest["source"]
+    source = manifest.source
     lines = [
         f"model        {source['architecture']} ({source['model_type']}) from {source['path']}"
         + (f" [{source['gguf_file']}]" if source.get("gguf_file") else ""),
-        f"task         {manifest['task']}" + (f"  labels: {', '.join(manifest['labels'])}" if manifest.get("labels") else ""),
+        f"task         {manifest.task}" + (f"  labels: {', '.join(manifest.labels)}" if manifest.labels else ""),
         f"size         {model['num_layers']} layers, hidden {model['hidden_size']}, vocab {model['vocab_size']}, max seq {model['max_seq_len']}",
         f"parameters   {total:,} total, {trainable:,} trainable ({100.0 * trainable / max(total, 1):.3f}%)",
         f"adapter      {adapter['type']} r={adapter['rank']} alpha={adapter['alpha']:g} scale={adapter['scale']:.4g}"
         f" dropout={adapter['dropout']:g}{' rslora' if adapter['rslora'] else ''}",
         f"targets      {', '.join(adapter['targets'])}",
         f"layers       {_layer_span(adapter['layers'], model['num_layers'])}",
-        f"optimizer    AdamW ({manifest['optimizer'].get('update', 'old transformers.AdamW')} update) "
-        f"weight_decay={manifest['optimizer']['weight_decay']:g} max_grad_norm={manifest['optimizer']['max_grad_norm']:g}",
+        f"optimizer    AdamW ({manifest.optimizer.get('update', 'old transformers.AdamW')} update) "
+        f"weight_decay={manifest.optimizer['weight_decay']:g} max_grad_norm={manifest.optimizer['max_grad_norm']:g}",
         f"created      {manifest['created']} with ortft {manifest['versions']['ortft']}, onnxruntime {manifest['versions']['onnxruntime']}",
     ]
-    lines.extend(quantization_lines(manifest.get("quantization")))
+    zeros = manifest.get("initial_adapter_zeros") or []
+    if zeros:
+        lines.append(f"initial      {len(zeros)} of {len(manifest.trainable_names)} trainable tensors start at zero"
+                     " (not stored in initial_adapter.safetensors)")
+    lines.extend(quantization_lines(manifest.quantization))
     lines.append("files:")
-    for rel, facts in sorted(manifest["files"].items()):
+    for rel, facts in sorted(manifest.files.items()):
         lines.append(f"  {rel:40s} {_size(facts['bytes']):>10s}")
-    lines.append(f"  {'total':40s} {_size(sum(f['bytes'] for f in manifest['files'].values())):>10s}")
+    lines.append(f"  {'total':40s} {_size(sum(f['bytes'] for f in manifest.files.values())):>10s}")
     return lines
 
 

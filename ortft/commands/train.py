@@ -76,18 +76,10 @@ _NOT_RESUMED = ("bundle", "out", "resume", "extra", "verbose")
 
 def recorded_config(run_dir: str) -> dict:
     """The settings a run folder's config.json recorded ({} if it has none), for --resume."""
-    import json
+    from ..run import read_config
 
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is damaged ({exc}); cannot take the run's settings from it",
-                          hint="give every setting on the command line, or start a new run") from exc
     known = {f.name for f in fields(TrainConfig)} - set(_NOT_RESUMED)
-    return {name: value for name, value in recorded.items() if name in known} if isinstance(recorded, dict) else {}
+    return {name: value for name, value in read_config(run_dir).items() if name in known}
 
 
 def build_config(ctx: click.Context, values: dict) -> TrainConfig:
@@ -137,6 +129,12 @@ def build_config(ctx: click.Context, values: dict) -> TrainConfig:
 @click.option("--max-example-chars", type=click.IntRange(min=1), default=None,
               help="Characters of an example read before tokenizing; longer ones are cut and counted as truncated, and a "
                    "JSONL line may hold 6 bytes per character plus 64 KiB.  [default: 64 x --seq-len]")
+@click.option("--prefix-cache/--no-prefix-cache", default=_defaults.prefix_cache, show_default=True,
+              help="With a bundle prepared with --layers N: compute the frozen layers' output once per example row and "
+                   "reuse it in later epochs and evaluations (the same losses; see docs/cli.md).")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
+              help="Memory for the frozen-prefix cache; beyond it rows spill (float32) to a scratch file in --out, "
+                   "removed at the end.  [default: a quarter of the memory available]")
 @click.option("--eval-every", type=int, default=_defaults.eval_every, show_default=True,
               help="Evaluate on the validation data every N steps and at the last one; a new best eval loss is saved "
                    "as a checkpoint (best.json names it).")

@@ -68,11 +68,10 @@ def adapter_nbytes(adapter: dict[str, np.ndarray]) -> int:
 def initial_adapter(bundle: Path | str, manifest: dict) -> tuple[dict[str, np.ndarray], int]:
     """The bundle's initial adapter (what every run starts from), and the bytes of the base model's
     frozen weights (frozen_weights.data; estimated from the parameter count where it is absent)."""
-    from ..runtime import INITIAL_ADAPTER, load_parameters
+    from ..initial_adapter import initial_parameters
 
-    trainable = [entry["name"] for entry in manifest["trainable"]]
-    adapter = load_parameters(Path(bundle) / INITIAL_ADAPTER, trainable)
+    adapter = initial_parameters(bundle, manifest)
     frozen = int((manifest.get("frozen_weights") or {}).get("bytes", 0))
     if frozen == 0:
-        frozen = int(manifest.get("model", {}).get("num_parameters", 0)) * 4
+        frozen = int(manifest.model.get("num_parameters", 0)) * 4
     return adapter, frozen

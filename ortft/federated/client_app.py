@@ -30,6 +30,7 @@ from flwr.supercore import (
 )
 
 from .. import run as runs
+from ..adapter import adapter_bytes, load_adapter
 from ..errors import UserError
 from ..manifest import manifest_digest
 from .aggregate import to_array_record
@@ -101,14 +102,14 @@ def check_bundle(settings: NodeSettings, server_digest: str) -> dict:
 def global_adapter_of(msg: Message, manifest: dict) -> dict[str, np.ndarray]:
     """The server's global adapter: exactly the bundle's trainable tensors, float32, their shapes, finite;
     anything else is refused (the server is not trusted more than a node is)."""
-    from ..adapter_tensors import trainable_shapes
+    from ..bundle import BundleManifest
     from ..errors import RunError
     from .reply_checks import read_arrays
 
     record = msg.content.array_records.get("arrays") if msg.has_content() else None
     if record is None:
         raise RunError("the server's message carries no global adapter ('arrays')", hint="check the server's ortft version")
-    adapter, problem = read_arrays(record, trainable_shapes(manifest))
+    adapter, problem = read_arrays(record, BundleManifest.of(manifest).trainable_shapes)
     if problem:
         raise RunError(f"the global adapter from the server does not fit this node's bundle: {problem}",
                        hint="the server and this node must use the same bundle and ortft version")
@@ -176,12 +177,12 @@ def train(msg: Message, context: Context) -> Message:
         global_adapter = global_adapter_of(msg, manifest)
         with tempfile.TemporaryDirectory(prefix="ortft-federated-") as tmp:
             init = Path(tmp) / "global.safetensors"
-            init.write_bytes(runs.adapter_bytes(global_adapter))
+            init.write_bytes(adapter_bytes(global_adapter))
             train_config = _train_config(settings, config, Path(tmp) / "run", init)
             started = time.perf_counter()
             summary = train_loop(train_config, quiet=True,
                                  on_step=_proximal_hook(global_adapter, float(config.get("proximal-mu", 0.0))))
-            local = runs.load_adapter(Path(tmp) / "run" / runs.ADAPTER_FILE)
+            local = load_adapter(Path(tmp) / "run" / runs.ADAPTER_FILE)
         local = {name: local[name] for name in global_adapter}  # the server's order
     except UserError as exc:
         return _error_reply(msg, node, exc)
@@ -211,9 +212,9 @@ def _eval_setup(settings: NodeSettings, config: ConfigRecord):
            _setting(config, "batch_size"), _setting(config, "seq_len"), _setting(config, "seed"))
     if key not in _eval_cache:
         manifest = require_valid(settings.bundle)
-        tokenizer = load_tokenizer(settings.bundle / manifest["tokenizer"]["dir"])
+        tokenizer = load_tokenizer(manifest.tokenizer_path(settings.bundle))
         train_config = TrainConfig(batch_size=key[4], seq_len=key[5], seed=key[6])
-        data_config = DataConfig.from_train_config(train_config, task=manifest["task"], label_names=manifest.get("labels"))
+        data_config = DataConfig.from_train_config(train_config, task=manifest.task, label_names=manifest.labels)
         train_set, valid_set = load_train_and_valid(settings.data, tokenizer, data_config, settings.valid, settings.valid_fraction)
         session = TrainingSession(settings.bundle, threads=settings.threads, with_optimizer=False, manifest=manifest)
         _eval_cache.clear()
@@ -224,7 +225,7 @@ def _eval_setup(settings: NodeSettings, config: ConfigRecord):
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the received global adapter on this node's validation data."""
-    from ..train import evaluate as evaluate_loop
+    from ..evaluate import evaluate as evaluate_loop
 
     node = _fallback_name(context)
     try:
@@ -233,9 +234,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         config, _manifest = _checked_config(msg, settings)
         session, manifest, dataset, data_config = _eval_setup(settings, config)
         adapter = global_adapter_of(msg, manifest)
-        for entry in manifest["trainable"]:
-            session.set_parameter(entry["name"], adapter[entry["name"]])
-        result = evaluate_loop(session, dataset, data_config, manifest["task"])
+        for name in manifest.trainable_names:
+            session.set_parameter(name, adapter[name])
+        result = evaluate_loop(session, dataset, data_config, manifest.task)
     except UserError as exc:
         return _error_reply(msg, node, exc)
     metrics = MetricRecord({"num-examples": int(result.examples), "eval-loss": float(result.loss), "eval-tokens": int(result.tokens)})

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log  # Flower's logger: its lines reach `flwr run --stream`
 
 from .. import run as runs
+from ..adapter import load_adapter
 from ..config import FEDERATED_STRATEGIES, FederationConfig
 from ..errors import ConfigError, RunError, UserError
 from ..manifest import manifest_digest
@@ -191,17 +192,17 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict:
     bundle, run_dir = Path(settings.bundle), Path(settings.out)
     manifest = require_valid(bundle)
     digest = manifest_digest(bundle)
-    trainable = [entry["name"] for entry in manifest["trainable"]]
+    trainable = manifest.trainable_names
     adapter, base_bytes = initial_adapter(bundle, manifest)
     last_round, state = 0, None
     if settings.resume and runs.is_run_dir(run_dir):
         last_round, folder, state = runfolder.resume_point(run_dir, digest)
         if folder is not None:
-            adapter = runs.load_adapter(folder / runs.ADAPTER_FILE)
+            adapter = load_adapter(folder / runs.ADAPTER_FILE)
             adapter = {name: adapter[name] for name in trainable}
             log(INFO, "resuming %s after round %d (global adapter sha256 %s)", run_dir, last_round, adapter_sha256(adapter)[:12])
     else:
-        runfolder.start_run(run_dir, bundle, digest, manifest["task"], {**settings.to_dict(), "kind": "federated"})
+        runfolder.start_run(run_dir, bundle, digest, manifest.task, {**settings.to_dict(), "kind": "federated"})
     metrics = runfolder.RoundLog(run_dir / runs.METRICS_FILE, keep_through_round=last_round)
     strategy = make_strategy(settings)
     limits = ReplyLimits.for_run(settings.max_update_norm, settings.max_examples, settings.local_steps, settings.lr,

@@ -309,7 +309,7 @@ class BlockedAttention(GraphPass):
 
     def call(self, model) -> PassResult:
         from .base import consumers_of
-        from .opset import default_opset
+        from .upgrade_opset import default_opset
 
         graph = model.graph
         opset = default_opset(model)

@@ -78,7 +78,7 @@ import math
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, names_in_use, producers_of, unique_name
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -173,7 +173,7 @@ class LowerTrainingOps(GraphPass):
         if left:
             listing = ", ".join(f"{domain}.{op} x{count}" for (domain, op), count in sorted(left.items()))
             raise RuntimeError(f"stock onnxruntime cannot run these ops, and ortft cannot lower them: {listing}")
-        return PassResult(model, bool(counts), sum(counts.values()))
+        return PassResult(model, bool(counts), sum(counts.values()), dict(self.lowered))
 
 
 # --- the graph's bookkeeping -------------------------------------------------------------------------
@@ -196,19 +196,12 @@ class _Context:
         for tensor in self.graph.initializer:
             self.types.setdefault(tensor.name, (tensor.data_type, list(tensor.dims)))
         self.constant_nodes = {node.output[0]: node for node in self.graph.node if node.op_type == "Constant"}
-        self.names = set(self.types)
-        self.names |= {name for node in self.graph.node for name in list(node.input) + list(node.output)}
-        self.names |= {node.name for node in self.graph.node}
+        self.names = names_in_use(self.graph)
         self.new_initializers = []
         self._constants = {}
 
     def fresh(self, base: str) -> str:
-        name, index = base, 0
-        while name in self.names:
-            index += 1
-            name = f"{base}_{index}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def elem_type(self, name: str, default: int = TensorProto.FLOAT) -> int:
         found = self.types.get(name)
@@ -364,7 +357,7 @@ def remove_accumulators(context: _Context) -> int:
     if not accumulators:
         return 0
     inputs = {value.name: value for value in graph.input}
-    producers = {name: node for node in graph.node for name in node.output if name}
+    producers = producers_of(graph)
     graph_outputs = {value.name for value in graph.output}
     replacement_outputs = {}
     aliases = []

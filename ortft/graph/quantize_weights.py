@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ..config import INT4_BLOCK_SIZE
 from .base import GraphPass, PassResult, consumers_of
-from .opset import default_opset
+from .upgrade_opset import default_opset
 
 DEQUANTIZED_SUFFIX = "_dequantized"
 NODE_PREFIX = "ortft_dq/"
@@ -73,7 +73,7 @@ class QuantizeWeights(GraphPass):
 
     With `as_inputs=True` they become graph inputs instead (kept in `self.tensors`): ORT's artifact
     generation would constant-fold a DequantizeLinear of Constants back into a float32 initializer,
-    so the bundle builder hides them as inputs and `ExternalizeInputs` (external_tensors.py) turns them into
+    so the bundle builder hides them as inputs and `ExternalizeInputs` (externalize_inputs.py) turns them into
     initializers of the generated graphs, stored once in a shared data file.
     """
 

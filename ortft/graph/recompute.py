@@ -8,10 +8,10 @@ pass is done with it. Two uses:
 
 - `RecomputeDequantize`: the float32 weight a DequantizeLinear makes from quantized weights (inputs are
   initializers, always there); see ortft/graph/recompute_dequantize.py.
-- `RecomputeActivations`: cheap elementwise results, e.g. a SwiGLU MLP's act = QuickGelu(gate) and
+- `RecomputeActivations` (recompute_activations.py): cheap elementwise results, e.g. a SwiGLU MLP's act = QuickGelu(gate) and
   act * up, whose inputs gate and up the backward keeps anyway (QuickGeluGrad reads gate, MulGrad reads
   up): two [tokens, intermediate] tensors per layer fewer at the peak, for one elementwise pass each.
-- `RecomputeNorms`: the output of an RMS norm that adapters read, as x * inv_std * scale from the
+- `RecomputeNorms` (recompute_norms.py): the output of an RMS norm that adapters read, as x * inv_std * scale from the
   input and inverse standard deviation the norm's own gradient keeps anyway; the LoRA A gradient
   (dA = dH^T x) is its only backward reader. Two [tokens, hidden] tensors per decoder layer fewer at the
   peak, for two elementwise passes each.
@@ -38,8 +38,6 @@ from collections.abc import Callable
 from .base import GraphPass, PassResult
 
 RECOMPUTE_SUFFIX = "_recompute"
-BLOCKED_ATTENTION_PREFIX = "ortft_attention"  # ortft/graph/blocked_attention.py names its nodes so
-ACTIVATION_OPS = frozenset({"QuickGelu", "Gelu", "FastGelu", "Sigmoid", "Tanh", "Relu", "Mul"})
 
 
 def backward_nodes(nodes: list) -> set[int]:
@@ -133,42 +131,3 @@ class RecomputeForBackward(GraphPass):
         del graph.node[:]
         graph.node.extend(ordered)
         return PassResult(model, True, len(recomputed) - earlier)
-
-
-class RecomputeActivations(RecomputeForBackward):
-    """Recompute cheap elementwise forward results (ACTIVATION_OPS) whose inputs the backward keeps anyway."""
-
-    def __init__(self, ops=ACTIVATION_OPS):
-        # the blocked attention's own nodes are left alone: their Muls are index arithmetic on scalars
-        super().__init__(lambda node: node.op_type in ops and node.domain in ("", "com.microsoft")
-                         and not node.name.startswith(BLOCKED_ATTENTION_PREFIX))
-
-
-class RecomputeNorms(RecomputeForBackward):
-    """Recompute an RMS norm's output as x * inv_std * scale from the tensors its own gradient keeps.
-
-    Not as a clone of the norm: ORT's session optimizer merges a clone of SimplifiedLayerNormalization
-    back into the original (the same op on the same inputs), which undid the saving. Two Muls give the
-    same values to within rounding (the kernel divides by the root mean square, this multiplies by its
-    inverse). SmolLM2-135M (scripts/bench.py): peak RSS 2214 -> 2068 MB at 4 x 256, 2049 -> 1891 MB on
-    the chat batches, the same step time.
-    """
-
-    def __init__(self):
-        super().__init__(lambda node: node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "com.microsoft"))
-
-    def recompute_inputs(self, node) -> list[str] | None:
-        attributes = {attribute.name: attribute for attribute in node.attribute}
-        axis = attributes["axis"].i if "axis" in attributes else -1
-        if axis != -1 or len(node.input) != 2 or len(node.output) < 2 or not node.output[1]:
-            return None  # the inverse standard deviation is needed, per row of the last axis
-        return [node.input[0], node.output[1], node.input[1]]
-
-    def build(self, node, inputs: list[str], output: str) -> list:
-        from onnx import helper
-
-        x, inv_std, scale = inputs
-        base = node.name or node.output[0]
-        unscaled = output + "_unscaled"
-        return [helper.make_node("Mul", [x, inv_std], [unscaled], name=base + "_unscaled" + RECOMPUTE_SUFFIX),
-                helper.make_node("Mul", [unscaled, scale], [output], name=base + RECOMPUTE_SUFFIX)]

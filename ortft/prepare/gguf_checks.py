@@ -9,31 +9,17 @@ length and vocabulary must match the shapes of the tensors that carry them, and 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from ..errors import ModelError
+from ..memory import available_memory_bytes
 
 BLOCK = re.compile(r"^blk\.(\d+)\.")
 FLOAT32_BYTES = 4
 # Loading keeps about two float32 copies of the weights at its peak (the GGUF's de-quantized tensors and the
 # model's parameters); more than the memory available is refused before anything is allocated.
 LOAD_COPIES = 2
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else physical memory; None when neither is known."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _field(reader, key: str):

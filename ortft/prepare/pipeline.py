@@ -158,6 +158,8 @@ def _save_tokenizer(tokenizer, folder: Path) -> dict:
         # loaded from a GGUF file even saves the whole GGUF, weights included, as tokenizer.model).
         if (folder / "tokenizer.json").is_file() and (folder / leftover).exists():
             (folder / leftover).unlink()
+    if (folder / "tokenizer.json").is_file():
+        _compact_tokenizer_json(folder / "tokenizer.json")
     template = getattr(tokenizer, "chat_template", None)
     template_file = folder / "chat_template.jinja"
     if isinstance(template, str) and template and not template_file.exists():
@@ -170,6 +172,16 @@ def _save_tokenizer(tokenizer, folder: Path) -> dict:
         "pad_token": tokenizer.pad_token,
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
     }
+
+
+def _compact_tokenizer_json(path: Path) -> None:
+    """Rewrite tokenizer.json without the indentation transformers saves it with: the same tokenizer, as the
+    tokenizers library serializes it (SmolLM2's: 3.5 -> 1.6 MB)."""
+    from tokenizers import Tokenizer
+
+    from ..fsutil import write_bytes_atomic
+
+    write_bytes_atomic(path, Tokenizer.from_file(str(path)).to_str(pretty=False).encode("utf-8"))
 
 
 def _graph_io(model) -> dict:
@@ -239,7 +251,6 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                 peft_model, config.task, int(hf_config.vocab_size), work_dir / "export.onnx", config.opset, config.verbose,
                 attention_placeholders=config.attention_chunk_rows > 0,
             )
-            patched = artifacts.prepare_loss_graph(loss_model)
             graph_io = _graph_io(loss_model)
         with reporter.stage("saving the tokenizer"):
             tokenizer_section = _save_tokenizer(tokenizer, stage_dir / "tokenizer")
@@ -262,11 +273,14 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
             frozen = loss_graph.frozen
             del loss_model  # ORT reads the saved graph: the proto's memory is freed first (peak RSS)
             release_freed_memory()
-            passes = artifacts.generate(loss_graph, stage_dir, config.verbose,
+            graphs = artifacts.generate(loss_graph, stage_dir, config.verbose,
                                         recompute_activations=config.recompute_activations,
                                         attention_chunk_rows=config.attention_chunk_rows)
-            quantization_section = passes.pop("quantization", None)
-            frozen_weights_section = passes.pop("frozen_weights")
+            initial_adapter_zeros = graphs["initial_adapter_zeros"]
+            from .prefix_graphs import write_prefix_cache_graphs  # the frozen-prefix cache's graphs (issue 26)
+
+            prefix_cache_section = write_prefix_cache_graphs(stage_dir, config.task, adapter_section["layers"],
+                                                             facts["hidden_size"], trainable)
             if causal and inference_section is not None:  # one copy of each weight: the template reads the graphs' files
                 from .shared_weights import share_template_weights
 
@@ -298,14 +312,16 @@ def prepare_bundle(config: PrepareConfig, quiet: bool = False) -> dict:
                     "update": ADAMW_UPDATE,  # the update ortft/optimizer.py makes on the device
                 },
                 "trainable": trainable,
+                "initial_adapter_zeros": initial_adapter_zeros,  # left out of initial_adapter.safetensors
                 "frozen": frozen,
-                "frozen_weights": frozen_weights_section,
+                "frozen_weights": graphs["frozen_weights"],
                 "num_trainable_parameters": num_trainable,
                 "num_frozen_parameters": num_total - num_trainable,
                 "graph": graph_io,
-                "graph_patches": {"optional_outputs_added": patched,
-                                  "attention_functions_replaced": attention_functions_replaced, **passes},
-                "quantization": quantization_section,
+                "graph_patches": {"attention_functions_replaced": attention_functions_replaced, **graphs["graph_patches"]},
+                "passes": graphs["passes"],  # {stage: {pass: count}} (ortft/prepare/graph_stages.py)
+                "quantization": graphs.get("quantization"),
+                "prefix_cache": prefix_cache_section,
                 "tokenizer": tokenizer_section,
                 "inference": inference_section,
                 "prepare": {**recorded_prepare(config, sys.argv), "timings_s": reporter.timings},

@@ -30,28 +30,28 @@ import numpy as np
 
 from ..graph.quantize_weights import DEQUANTIZED_SUFFIX
 from ..inference_template import dequantize_linear, store_external
-from ..runtime import EVAL_GRAPH, FROZEN_DATA, QUANTIZED_DATA
+from ..bundle import EVAL_GRAPH, FROZEN_DATA, INFERENCE_TEMPLATE, INFERENCE_TEMPLATE_DATA, QUANTIZED_DATA
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FILE = "inference_model.onnx"
-TEMPLATE_DATA = "inference_model.onnx.data"
 PEFT_PREFIX = "base_model.model."
 MAX_QUANTIZATION_ERROR = 0.25  # relative RMS error above which a quantized tensor is not taken for the template's weight
 
 
 def share_template_weights(bundle_dir: Path, section: dict, trainable: list[dict]) -> dict:
     """Rewrite the template in `bundle_dir` (section['model']) to read the training graphs' weight files;
-    write it as TEMPLATE_FILE at the bundle root, delete the old files, and return the new manifest section."""
+    write it as INFERENCE_TEMPLATE at the bundle root, delete the old files, and return the new manifest section."""
     import onnx
 
-    from ..graph.opset import UpgradeOpset, default_opset
+    from ..graph.upgrade_opset import UpgradeOpset, default_opset
 
     bundle_dir = Path(bundle_dir)
     old_path = bundle_dir / section["model"]
     template = onnx.load(str(old_path), load_external_data=False)
-    stored = _stored_tensors(bundle_dir)
-    dequantizers = _dequantizers(bundle_dir)
+    eval_graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
+    stored = _stored_tensors(eval_graph)
+    dequantizers = _dequantizers(eval_graph)
+    del eval_graph
     adapted = {entry["base_weight"] for entry in trainable if entry.get("base_weight")}
     graph = template.graph
     layouts_before = {facts["initializer"]: facts["layout"] for facts in section["weights"].values()}
@@ -63,28 +63,27 @@ def share_template_weights(bundle_dir: Path, section: dict, trainable: list[dict
     if any(match["kind"] == "quantized" and match["int4"] for match in matches.values()) and default_opset(template) < 21:
         UpgradeOpset(21).call(template)  # DequantizeLinear with int4 and block_size
     parameters = _rewrite(template, matches, layouts_before, bundle_dir, old_path.parent)
-    onnx.save_model(template, str(bundle_dir / TEMPLATE_FILE))
+    onnx.save_model(template, str(bundle_dir / INFERENCE_TEMPLATE))
     for leftover in {old_path, old_path.parent / "model.onnx.data"}:
         leftover.unlink(missing_ok=True)
     weights = {}
     for hf_name, facts in section["weights"].items():
         target = next(name for name, record in parameters.items() if record["initializer"] == facts["initializer"])
         weights[hf_name] = {"initializer": parameters[target]["value"], "layout": parameters[target]["layout"]}
-    shared = {kind: sum(1 for record in parameters.values() if record["file"] == kind) for kind in (FROZEN_DATA, QUANTIZED_DATA, TEMPLATE_DATA)}
+    shared = {kind: sum(1 for record in parameters.values() if record["file"] == kind) for kind in (FROZEN_DATA, QUANTIZED_DATA, INFERENCE_TEMPLATE_DATA)}
     log.info("inference template reads %s", shared)
     for record in parameters.values():
         del record["initializer"]
-    return {**section, "model": TEMPLATE_FILE, "weights": weights, "parameters": parameters, "shared_weights": shared}
+    return {**section, "model": INFERENCE_TEMPLATE, "weights": weights, "parameters": parameters, "shared_weights": shared}
 
 
 # ---- what the training graphs store ---------------------------------------------------------------------
 
 
-def _stored_tensors(bundle_dir: Path) -> dict:
+def _stored_tensors(graph) -> dict:
     """Initializers of the eval graph kept in the bundle's weight files: name -> TensorProto (external)."""
     import onnx
 
-    graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
     stored = {}
     for tensor in graph.initializer:
         facts = {entry.key: entry.value for entry in tensor.external_data}
@@ -93,11 +92,8 @@ def _stored_tensors(bundle_dir: Path) -> dict:
     return stored
 
 
-def _dequantizers(bundle_dir: Path) -> dict[str, list]:
+def _dequantizers(graph) -> dict[str, list]:
     """Training tensor name -> its DequantizeLinear nodes in the eval graph (several for a weight split in column parts)."""
-    import onnx
-
-    graph = onnx.load(str(bundle_dir / EVAL_GRAPH), load_external_data=False).graph
     found: dict[str, list] = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or not node.output[0].endswith(DEQUANTIZED_SUFFIX):
@@ -189,7 +185,7 @@ def _match(bundle_dir: Path, template_dir: Path, tensor, names: list[str], store
 
 
 def _rewrite(model, matches: dict, layouts_before: dict, bundle_dir: Path, template_dir: Path) -> dict:
-    """Rewire `model` to the matched stored tensors; unmatched initializers go to TEMPLATE_DATA. Returns parameters."""
+    """Rewire `model` to the matched stored tensors; unmatched initializers go to INFERENCE_TEMPLATE_DATA. Returns parameters."""
     import copy
 
     from onnx import helper
@@ -200,15 +196,15 @@ def _rewrite(model, matches: dict, layouts_before: dict, bundle_dir: Path, templ
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     kept, added_nodes, removed_nodes, parameters, renames = [], [], set(), {}, {}
-    with open(bundle_dir / TEMPLATE_DATA, "wb") as own_data:
+    with open(bundle_dir / INFERENCE_TEMPLATE_DATA, "wb") as own_data:
         for tensor in graph.initializer:
             name = tensor.name
             match = matches.get(name)
-            record = {"initializer": name, "tensor": None, "file": TEMPLATE_DATA}
+            record = {"initializer": name, "tensor": None, "file": INFERENCE_TEMPLATE_DATA}
             layout = layouts_before.get(name, "out_in")
             if match is None:
                 if tensor.data_location == 1:
-                    store_external(tensor, _raw(template_dir, tensor), own_data, TEMPLATE_DATA)
+                    store_external(tensor, _raw(template_dir, tensor), own_data, INFERENCE_TEMPLATE_DATA)
                 kept.append(tensor)
                 parameters[name] = {**record, "value": name, "layout": layout}
                 continue
@@ -256,8 +252,8 @@ def _rewrite(model, matches: dict, layouts_before: dict, bundle_dir: Path, templ
     kept_info = [value for value in graph.value_info if value.name in produced]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
-    if not (bundle_dir / TEMPLATE_DATA).stat().st_size:
-        (bundle_dir / TEMPLATE_DATA).unlink()
+    if not (bundle_dir / INFERENCE_TEMPLATE_DATA).stat().st_size:
+        (bundle_dir / INFERENCE_TEMPLATE_DATA).unlink()
     return parameters
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from ortft.adapter import load_adapter
 from ortft.federated.aggregate import (
     adapter_sha256,
     from_array_record,
@@ -93,7 +94,7 @@ def test_adapter_sha256_follows_the_numbers_not_the_container(tmp_path):
     assert adapter_sha256(dict(reversed(list(adapter.items())))) == digest  # order of the dict
     assert adapter_sha256(from_array_record(to_array_record(adapter))) == digest  # through Flower
     (tmp_path / "a.safetensors").write_bytes(runs.adapter_bytes(adapter))
-    assert adapter_sha256(runs.load_adapter(tmp_path / "a.safetensors")) == digest  # through a checkpoint file
+    assert adapter_sha256(load_adapter(tmp_path / "a.safetensors")) == digest  # through a checkpoint file
     changed = {name: value.copy() for name, value in adapter.items()}
     name = next(iter(changed))
     changed[name].flat[0] += 1e-6

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from train_helpers import ok, run_ortft, tiny_bundle
-
-from .helpers import FAST_FED, write_shards
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, run_ortft
+from helpers.federated import FAST_FED, write_shards
 
 
 def test_other_bundle_and_bad_shards_fail_only_their_nodes(tmp_path_factory, tiny_llama):

@@ -5,7 +5,7 @@ came for 2 x 30 s, so a SIGKILLed node is reported unavailable ("Node Unavailabl
 (measured here: round 1's record 52-61 s after the kill); the ServerApp polls for replies every 3 s.
 ROUND_TIMEOUT lies above that, and far above what a healthy node needs for a round of these tiny runs (a
 few seconds), so a round waits for Flower's verdict on the dead node and never gives up on a live one:
-each test takes 1-2 minutes.
+each test takes 1-3 minutes, so both are marked slow.
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from train_helpers import ROOT, ok, ortft_command, run_ortft, tiny_bundle
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, ortft_command, run_ortft
+from helpers.federated import FAST_FED, KINDS, federation_pids, shard_args, wait_for, write_shards
+from helpers.paths import ROOT
 
-from .helpers import (
-    FAST_FED,
-    KINDS,
-    federation_pids,
-    shard_args,
-    wait_for,
-    write_shards,
-)
+pytestmark = pytest.mark.slow  # 1-3 minutes each; ./scripts/test.sh runs them, -m "not slow" leaves them out
 
 ROUND_TIMEOUT = 90.0  # > the 60 s after which Flower reports a dead node unavailable
 NODE_ONLY = {"rounds": 2, "local-steps": 2, "lr": 3e-3, "batch-size": 4, "seq-len": 128, "round-timeout": ROUND_TIMEOUT}
@@ -108,6 +104,7 @@ def test_node_killed_mid_round_is_left_out_and_rejoins(tmp_path_factory, tiny_ll
 
 def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path_factory, tiny_llama):
     from ortft import run as runs
+    from ortft.adapter import load_adapter
     from ortft.federated.aggregate import adapter_sha256
 
     bundle = tiny_bundle(tmp_path_factory, tiny_llama, "llama-fed")
@@ -141,7 +138,7 @@ def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path
     assert "stopped after round 1 of 2" in stderr and "--resume" in stderr and "Traceback" not in stderr, stderr
     assert [r["round"] for r in rounds_of(out)] == [0, 1]
     assert not federation_pids(), "processes of the killed federation outlived it"
-    saved_adapter = adapter_sha256(runs.load_adapter(saved / runs.ADAPTER_FILE))
+    saved_adapter = adapter_sha256(load_adapter(saved / runs.ADAPTER_FILE))
 
     resumed = time.monotonic()
     ok(run_ortft(*args, "--resume", timeout=200))
@@ -157,7 +154,7 @@ def test_server_killed_between_rounds_resumes_from_the_last_saved_round(tmp_path
     assert first_round["adapter_in_sha256"] == base["adapter_sha256"]
     assert first_round["adapter_sha256"] == saved_adapter
     assert second_round["adapter_in_sha256"] == saved_adapter != base["adapter_sha256"]
-    assert second_round["adapter_sha256"] == adapter_sha256(runs.load_adapter(out / runs.ADAPTER_FILE))
+    assert second_round["adapter_sha256"] == adapter_sha256(load_adapter(out / runs.ADAPTER_FILE))
     assert second_round["nodes_trained"] == 3 and set(second_round["eval_loss_per_client"]) == set(KINDS)
     log = (out / "logs" / "flwr-run.log").read_text(encoding="utf-8", errors="replace")
     assert f"after round 1 (global adapter sha256 {saved_adapter[:12]})" in log

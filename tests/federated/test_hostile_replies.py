@@ -28,14 +28,16 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
-from train_helpers import tiny_bundle, write_text_data
+from helpers.bundles import tiny_bundle
+from helpers.data import write_text_data
 
+from ortft.adapter import load_adapter
 from ortft import run as runs
 from ortft.federated import client_app
 from ortft.federated.aggregate import weighted_mean
 from ortft.federated.server_app import ServerSettings, make_strategy, run_federation
-from ortft.manifest import manifest_digest
-from ortft.runtime import INITIAL_ADAPTER
+from ortft.initial_adapter import initial_parameters
+from ortft.manifest import manifest_digest, read_manifest
 
 HONEST_STEP = 1e-4  # what an honest node adds to every adapter element (node 1) or twice that (node 2)
 HONEST_EXAMPLES = {1: 10, 2: 30}
@@ -154,10 +156,10 @@ def test_a_bad_training_reply_is_that_nodes_failure_and_the_round_goes_on(bundle
     failures = {failure["node_id"]: failure["reason"] for failure in record["train_failures"]}
     assert list(failures) == [ATTACKER] and failures[ATTACKER].startswith("reply refused:"), failures
     assert record["nodes_trained"] == 2 and record["train_examples"] == sum(HONEST_EXAMPLES.values())
-    start = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    start = initial_parameters(bundle, read_manifest(bundle))
     expected = weighted_mean([{k: v + np.float32(HONEST_STEP * node) for k, v in start.items()} for node in (1, 2)],
                              [HONEST_EXAMPLES[1], HONEST_EXAMPLES[2]])
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     for name in start:
         np.testing.assert_allclose(saved[name], expected[name], rtol=0, atol=1e-7)
 
@@ -189,8 +191,8 @@ def test_robust_strategies_keep_a_bounded_outlier_out(bundle, tmp_path, strategy
     grid = FakeGrid({**honest_nodes, ATTACKER: outlier})
     record = run_federation(grid, settings_for(bundle, tmp_path / "run", strategy=strategy, min_nodes=5))
     assert not record["train_failures"]
-    start = runs.load_adapter(bundle / INITIAL_ADAPTER)
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    start = initial_parameters(bundle, read_manifest(bundle))
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     for name in start:
         moved = saved[name] - start[name]
         assert moved.max() <= 2 * HONEST_STEP + 1e-7 and moved.min() >= HONEST_STEP - 1e-7, (strategy, name)
@@ -202,8 +204,8 @@ def test_dp_clipping_bounds_every_update(bundle, tmp_path):
     assert type(make_strategy(settings)).__name__ == "DifferentialPrivacyServerSideFixedClipping"
     grid = FakeGrid({1: honest(1), 2: honest(2), ATTACKER: honest(2)})
     run_federation(grid, settings)
-    start = runs.load_adapter(bundle / INITIAL_ADAPTER)
-    saved = runs.load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
+    start = initial_parameters(bundle, read_manifest(bundle))
+    saved = load_adapter(tmp_path / "run" / runs.ADAPTER_FILE)
     norm = math.sqrt(sum(float(np.sum((saved[k].astype(np.float64) - start[k]) ** 2)) for k in start))
     assert 0 < norm <= 0.001 + 1e-6
 
@@ -211,7 +213,7 @@ def test_dp_clipping_bounds_every_update(bundle, tmp_path):
 def test_the_client_refuses_a_global_adapter_with_extra_tensors(bundle, tmp_path):
     """A server (or anyone posing as one) sending tensors the bundle does not have gets a clean error reply."""
     data = write_text_data(tmp_path / "train.jsonl", 4)
-    adapter = runs.load_adapter(bundle / INITIAL_ADAPTER)
+    adapter = initial_parameters(bundle, read_manifest(bundle))
     arrays = ArrayRecord({**{k: Array(v) for k, v in adapter.items()}, "evil": Array(np.ones(3, np.float32))})
     config = ConfigRecord({"bundle-sha256": manifest_digest(bundle), "local-steps": 1, "server-round": 1})
     message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7, message_type="train")

@@ -10,16 +10,9 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("psutil")
 
-from train_helpers import ok, run_ortft, tiny_bundle
-
-from .helpers import (
-    FAST_FED,
-    KINDS,
-    ListenWatcher,
-    federation_pids,
-    shard_args,
-    write_shards,
-)
+from helpers.bundles import tiny_bundle
+from helpers.cli import ok, run_ortft
+from helpers.federated import FAST_FED, KINDS, ListenWatcher, federation_pids, shard_args, write_shards
 
 ROUNDS = 3
 

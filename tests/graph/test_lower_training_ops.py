@@ -20,10 +20,10 @@ from ortft.graph.lower_training_ops import (
     training_only_ops,
 )
 
-from .reference_runtime import (
+from helpers.reference_runtime import (
+    build_training_graph,
     EXACT_CONFIG,
     ReferenceError,
-    build_training_graph,
     run_local,
     run_reference,
     run_reference_many,
@@ -732,9 +732,7 @@ def unlowered_graphs(monkeypatch):
 
 
 def _prepared_graphs(tiny_model_factory, tmp_path, unlowered_graphs, model_type, settings):
-    from prepare.helpers import (
-        prepare_tiny,  # tests/ is on sys.path (tests/conftest.py)
-    )
+    from helpers.bundles import prepare_tiny
 
     settings = dict(settings)
     task = settings.get("task", "causal-lm")

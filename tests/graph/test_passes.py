@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.eval_dropout import DisableDropout
-from ortft.graph.optional_outputs import AddOptionalOutputs
-from ortft.graph.pretranspose import PretransposeFrozenWeights
+from ortft.graph.disable_dropout import DisableDropout
+from ortft.graph.add_optional_outputs import AddOptionalOutputs
+from ortft.graph.pretranspose_frozen_weights import PretransposeFrozenWeights
 
 
 def _run(model, feeds):
@@ -116,7 +116,7 @@ def _tied_head_graph(hidden_rank: int):
 
 
 def test_transpose_into_gemm_reads_the_tied_table_directly():
-    from ortft.graph.transposed_gemm import TransposeIntoGemm
+    from ortft.graph.transpose_into_gemm import TransposeIntoGemm
 
     model = _tied_head_graph(hidden_rank=2)
     feeds = {"ids": np.array([0, 4, 10], np.int64)}
@@ -132,7 +132,7 @@ def test_transpose_into_gemm_reads_the_tied_table_directly():
 
 
 def test_transpose_into_gemm_leaves_batched_matmul_alone():
-    from ortft.graph.transposed_gemm import TransposeIntoGemm
+    from ortft.graph.transpose_into_gemm import TransposeIntoGemm
 
     model = _tied_head_graph(hidden_rank=3)  # Gemm is 2-D only
     assert not TransposeIntoGemm().call(model).modified

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.opset import UpgradeOpset, default_opset
+from ortft.graph.upgrade_opset import UpgradeOpset, default_opset
 from ortft.graph.quantize_weights import QuantizeWeights, embedding_weights, linear_weights
 from ortft.graph.recompute_dequantize import RecomputeDequantize
 
@@ -104,7 +104,7 @@ def test_quantize_int4_needs_opset_21():
 
 def test_as_inputs_then_externalize_shares_one_data_file(tmp_path):
     """Two graphs read the same quantized tensors from one aligned file, with the maths unchanged."""
-    from ortft.graph.external_tensors import ALIGNMENT, ExternalizeInputs, write_external_tensors
+    from ortft.graph.externalize_inputs import ALIGNMENT, ExternalizeInputs, write_external_tensors
     from ortft.runtime import onnxruntime_module
 
     ids = np.array([0, 3, 5], np.int64)

@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.recompute import RECOMPUTE_SUFFIX, RecomputeActivations, RecomputeNorms
+from ortft.graph.recompute import RECOMPUTE_SUFFIX
+from ortft.graph.recompute_activations import RecomputeActivations
+from ortft.graph.recompute_norms import RecomputeNorms
 
 
 def _swiglu_training_like():
@@ -108,7 +110,8 @@ def test_a_bundle_with_recomputed_activations_trains_exactly_like_one_without(ti
     """Same losses and the same adapter weights after three steps (the gradients are the same)."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     plain = prepare_tiny(tiny_llama, tmp_path / "plain", recompute_activations=False)
     recomputed = prepare_tiny(tiny_llama, tmp_path / "recomputed")  # the default

@@ -92,7 +92,8 @@ def test_a_bundle_with_cheaper_attention_trains_exactly_like_one_without(tiny_ll
     from ortft.prepare import onnx_export
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     # The full [seq, seq] attention (no chunks: tests/prepare/test_blocked_attention.py tests those).
     cheaper = prepare_tiny(tiny_llama, tmp_path / "cheaper", attention_chunk_rows=0)

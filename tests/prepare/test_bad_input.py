@@ -13,7 +13,7 @@ import pytest
 
 from ortft.errors import AdapterError, DiskWriteError, InputNotFoundError, ModelError, OutputExistsError, UserError
 
-from .helpers import prepare_tiny
+from helpers.bundles import prepare_tiny
 
 
 def _no_leftovers(parent: Path, name: str) -> None:

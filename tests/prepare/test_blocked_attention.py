@@ -14,7 +14,8 @@ import pytest
 
 from ortft.runtime import TrainingSession
 
-from .helpers import batch_for, prepare_tiny, randomize_adapters, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for, randomize_adapters, torch_peft_model
 
 CAUSAL = ["llama", "mistral", "qwen2", "phi3", "gemma"]
 CHUNK_ROWS = 4  # several chunks even in a 12-token batch

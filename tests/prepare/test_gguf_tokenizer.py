@@ -1,6 +1,6 @@
 """A GGUF's tokenizer keeps the GGUF's own special tokens, BOS/EOS behaviour and byte-level decoder (issue 19).
 
-A tiny llama GGUF with a GPT-2 style vocabulary is written in a fixture (tests/prepare/tiny_gguf.py), so
+A tiny llama GGUF with a GPT-2 style vocabulary is written in a fixture (tests/helpers/tiny_gguf.py), so
 every test sees what transformers' converter makes of it and what ortft makes of it; the real SmolLM2
 GGUF is checked by the slow tests at the end.
 """
@@ -20,7 +20,7 @@ from ortft.prepare.pipeline import _save_tokenizer
 from ortft.tokenizer import load_tokenizer
 from ortft.tokenizer_facts import ROUND_TRIP_TEXTS
 
-from .tiny_gguf import write_tiny_gguf, write_tiny_spm_gguf
+from helpers.tiny_gguf import write_tiny_gguf, write_tiny_spm_gguf
 
 TWO_TURNS = [{"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "It is 42."}]
 
@@ -155,7 +155,7 @@ def test_a_hugging_face_folder_keeps_its_tokenizer(tiny_llama, tmp_path):
 def test_prepare_from_a_gguf_records_the_facts_and_validates(gguf_factory, tmp_path):
     from ortft.validate import validate_bundle
 
-    from .helpers import prepare_tiny
+    from helpers.bundles import prepare_tiny
 
     manifest = prepare_tiny(gguf_factory(), tmp_path / "bundle")
     section = manifest["tokenizer"]

@@ -52,7 +52,7 @@ def _empty_cache(section, batch: int = 1) -> dict:
 
 
 def test_template_logits_equal_transformers(exported):
-    from tiny_bundle import onnx_logits, torch_logits
+    from helpers.reference import onnx_logits, torch_logits
 
     _name, model, out, _section = exported
     input_ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(2, 9)).astype(np.int64)
@@ -162,7 +162,7 @@ def test_a_raw_export_with_one_file_per_weight_leaves_only_the_template(tmp_path
     model = _model("llama")
     inference.export_inference_template(model, tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
-    from tiny_bundle import onnx_logits, torch_logits
+    from helpers.reference import onnx_logits, torch_logits
 
     input_ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, 7)).astype(np.int64)
     np.testing.assert_allclose(onnx_logits(tmp_path / "model.onnx", input_ids), torch_logits(model, input_ids), atol=1e-4, rtol=0)

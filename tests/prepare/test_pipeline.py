@@ -11,7 +11,8 @@ from ortft.manifest import load_verified
 from ortft.runtime import FROZEN_DATA, TrainingSession
 from ortft.validate import validate_bundle
 
-from .helpers import batch_for, prepare_tiny, randomize_adapters, torch_loss, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for, randomize_adapters, torch_loss, torch_peft_model
 
 ARCHITECTURES = [
     ("llama", "causal-lm", {}),
@@ -82,6 +83,15 @@ def test_manifest_describes_bundle(tiny_llama, tmp_path):
     assert all(i["dtype"] == "int64" for i in manifest["graph"]["inputs"])
     assert not any(e["name"] in manifest["frozen"] for e in manifest["trainable"])
     assert manifest["graph_patches"]["loss_chunks"] == 8 and manifest["graph_patches"]["loss_chunk_rows"] == 256
+    passes = manifest["passes"]  # {stage: {pass: count}}, in the order each stage ran them
+    assert list(passes) == ["loss_graph", "training_model.onnx", "eval_model.onnx"]
+    assert list(passes["training_model.onnx"])[-3:] == ["LowerTrainingOps", "DelayRecomputation", "PortableOps"]
+    assert list(passes["eval_model.onnx"])[-2:] == ["LowerTrainingOps", "PortableOps"]
+    assert passes["loss_graph"]["ChunkedCrossEntropy"] == 1
+    assert passes["training_model.onnx"]["RecomputeNorms"] == manifest["graph_patches"]["recomputed_norms"] > 0
+    assert passes["eval_model.onnx"]["ExternalizeInputs[frozen_weights.data]"] == len(manifest["frozen"])
+    assert passes["training_model.onnx"]["LowerTrainingOps"] == sum(
+        manifest["graph_patches"]["lowered_training_ops"]["training_model.onnx"].values())
 
 
 def test_validate_passes_and_detects_tampering(tiny_llama, tmp_path):
@@ -182,3 +192,18 @@ def test_ort_builds_the_gradient_graph_from_a_weightless_skeleton(tiny_llama, tm
     reference = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).float()
     np.testing.assert_array_equal(weights[norm], reference.model.layers[0].input_layernorm.weight.detach().numpy())
     assert validate_bundle(tmp_path / "b", threads=1).ok
+
+
+def test_the_tokenizer_json_is_saved_compact_with_the_same_content(tiny_llama, tmp_path):
+    """No indentation (SmolLM2's tokenizer.json: 3.5 -> 1.6 MB), the same JSON as transformers saves."""
+    from transformers import AutoTokenizer
+
+    from ortft.prepare.pipeline import _save_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tokenizer.save_pretrained(str(tmp_path / "plain"))
+    _save_tokenizer(tokenizer, tmp_path / "bundle")
+    plain = (tmp_path / "plain" / "tokenizer.json").read_text(encoding="utf-8")
+    compact = (tmp_path / "bundle" / "tokenizer.json").read_text(encoding="utf-8")
+    assert "\n" not in compact and len(compact) < 0.8 * len(plain)
+    assert json.loads(compact) == json.loads(plain)

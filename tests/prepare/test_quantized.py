@@ -9,7 +9,8 @@ import pytest
 from ortft.commands.info import summary_lines
 from ortft.runtime import TrainingSession
 
-from .helpers import batch_for, prepare_tiny
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for
 
 
 def _loss(outputs) -> float:

@@ -28,7 +28,7 @@ def test_smollm2_gguf_bundle_validates(smollm2_bundle):
 
 
 def test_minilm_seq_cls_bundle_validates(tmp_path):
-    from conftest import packaged_model_dir
+    from helpers.paths import packaged_model_dir
 
     from ortft.config import PrepareConfig
     from ortft.prepare.pipeline import prepare_bundle

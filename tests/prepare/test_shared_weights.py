@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from tiny_bundle import onnx_logits
+from helpers.reference import onnx_logits
 
 from ortft.export import export_merged_onnx
 from ortft.export_adapter_onnx import export_onnx_adapter
@@ -19,7 +19,8 @@ from ortft.inference_template import DEQUANTIZE_SESSION_CONFIG, InferenceTemplat
 from ortft.manifest import load_verified
 from ortft.runtime import FROZEN_DATA, QUANTIZED_DATA
 
-from .helpers import prepare_tiny, torch_peft_model
+from helpers.bundles import prepare_tiny
+from helpers.reference import torch_peft_model
 
 
 def _input_ids(seed: int = 0) -> np.ndarray:
@@ -91,9 +92,9 @@ def test_exports_from_a_shared_template_compute_the_fine_tune(tiny_model_factory
     export_merged_onnx(bundle, manifest, adapter, tmp_path / "merged")
     np.testing.assert_allclose(onnx_logits(tmp_path / "merged" / "model.onnx", _input_ids()), expected, atol=1e-4, rtol=0)
     export_onnx_adapter(bundle, manifest, adapter, tmp_path / "served", "tuned")
-    from test_export_adapter_onnx import _adapter_logits
+    from helpers.reference import onnx_adapter_logits
 
-    np.testing.assert_allclose(_adapter_logits(tmp_path / "served", "tuned", _input_ids()), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx_adapter_logits(tmp_path / "served", "tuned", _input_ids()), expected, atol=1e-4, rtol=0)
     export_gguf(bundle, manifest, adapter, tmp_path / "gguf", "f32")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="model.gguf").eval()
     with torch.no_grad():

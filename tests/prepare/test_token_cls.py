@@ -9,13 +9,8 @@ import pytest
 from ortft.errors import ConfigError
 from ortft.runtime import TrainingSession
 
-from .helpers import (
-    batch_for,
-    prepare_tiny,
-    randomize_adapters,
-    torch_loss,
-    torch_peft_model,
-)
+from helpers.bundles import prepare_tiny
+from helpers.reference import batch_for, randomize_adapters, torch_loss, torch_peft_model
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

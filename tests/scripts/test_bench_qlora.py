@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prepare.helpers import prepare_tiny
+from helpers.bundles import prepare_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,3 +22,16 @@ def test_measure_reports_losses_and_a_sampled_peak_pss(tiny_llama, tmp_path):
     assert result["tokens_per_s"] > 0
     # PSS comes from the sampler process: present, and no larger than the process's peak RSS.
     assert 0 < result["peak_pss_mb"] <= result["peak_rss_mb"] * 1.01
+
+
+def test_training_bytes_leave_out_the_inference_template_and_the_tokenizer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ortft_bench_qlora_script", ROOT / "scripts" / "bench_qlora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    files = {name: {"bytes": size} for name, size in (
+        ("training_model.onnx", 1), ("eval_model.onnx", 2), ("initial_adapter.safetensors", 4), ("frozen_weights.data", 8),
+        ("quantized_weights.data", 16), ("inference_model.onnx", 32), ("inference_model.onnx.data", 64),
+        ("inference/config.json", 128), ("tokenizer/tokenizer.json", 256))}
+    assert module.training_bytes(files) == 31  # frozen_weights.data is the training graphs' (the template reads it too)

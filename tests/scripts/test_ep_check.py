@@ -16,9 +16,6 @@ SCRIPT = ROOT / "scripts" / "ep-check.sh"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "open (issue 20): onnxruntime-openvino 1.24.1 compiles the training graph but fails at the first step with "
-    "'Output names mismatch between OpenVINO and ONNX' in its subgraph; strict: once it passes, this marker must go"))
 def test_ep_check_openvino_losses_agree():
     completed = subprocess.run(
         [str(SCRIPT), "openvino"], cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False,

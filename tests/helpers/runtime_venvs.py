@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
+HERE = Path(__file__).resolve().parent
 
 
 @functools.cache
@@ -46,4 +48,4 @@ def run_json(python: Path, script: Path, request: dict, folder: Path, timeout_s:
 
 
 def run_genai(request: dict, folder: Path) -> dict:
-    return run_json(genai_python(), ROOT / "tests" / "genai_runner.py", request, folder)
+    return run_json(genai_python(), HERE / "genai_runner.py", request, folder)

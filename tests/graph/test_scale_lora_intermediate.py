@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.lora_scale import ScaleLoraIntermediate
+from ortft.graph.scale_lora_intermediate import ScaleLoraIntermediate
 
 IN, OUT, RANK = 24, 40, 4
 
@@ -64,7 +64,7 @@ def test_a_full_width_product_read_elsewhere_is_left_alone():
 
 
 def test_every_adapted_layer_of_a_bundle_is_rewritten(tiny_llama, tmp_path):
-    from prepare.helpers import prepare_tiny
+    from helpers.bundles import prepare_tiny
 
     manifest = prepare_tiny(tiny_llama, tmp_path / "b", targets="q_proj,v_proj,down_proj")
     adapted = len({entry["module"] for entry in manifest["trainable"]})

@@ -18,7 +18,7 @@ none) of a trainable 2-D initializer A_i and T_i is read by that MatMul only.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult, consumers_of
+from .base import GraphPass, PassResult, consumers_of, producers_of
 
 
 class ShareLoraInput(GraphPass):
@@ -31,7 +31,7 @@ class ShareLoraInput(GraphPass):
 
         graph = model.graph
         nodes = list(graph.node)
-        producers = {output: node for node in nodes for output in node.output}
+        producers = producers_of(graph)
         readers = consumers_of(graph)
         outputs = {value.name for value in graph.output}
         shapes = {tensor.name: list(tensor.dims) for tensor in graph.initializer}

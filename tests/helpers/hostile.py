@@ -79,23 +79,6 @@ def location_of(target: Path, graph: Path) -> str:
     return Path(os.path.relpath(target, graph.parent)).as_posix()
 
 
-def make_run(run_dir: Path, bundle: Path, adapter: dict | None = None, steps: tuple[int, ...] = (1,)) -> Path:
-    """A run folder of `bundle` whose checkpoints hold `adapter` (default: the bundle's initial adapter),
-    written by ortft.run as `ortft train` would (no training needed)."""
-    from ortft import run as runs
-    from ortft.manifest import manifest_digest
-    from ortft.runtime import INITIAL_ADAPTER
-
-    adapter = adapter if adapter is not None else runs.load_adapter(bundle / INITIAL_ADAPTER)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = {"format": "ortft-run", "bundle": runs.bundle_reference(run_dir, bundle), "bundle_manifest_sha256": manifest_digest(bundle),
-            "task": "causal-lm"}
-    (run_dir / "run.json").write_text(json.dumps(info), encoding="utf-8")
-    for step in steps:
-        runs.write_checkpoint(run_dir, step, adapter, {"step": step})
-    return run_dir
-
-
 def refused(argv: list, capsys, *fragments: str) -> str:
     """Run `ortft ARGV` in this process: exit code 2, one `error:` message holding every fragment, no traceback."""
     from ortft.cli import main

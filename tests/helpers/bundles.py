@@ -1,22 +1,43 @@
-"""Test helper: a tiny causal-LM bundle (inference template, tokenizer, manifest) plus its PEFT twin and run folder.
+"""The tests' tiny bundles, built from random configs (nothing downloaded), in two sizes.
 
-Built from random configs in seconds, without the training artifacts `ortft prepare` also makes.
+- `prepare_tiny` / `tiny_bundle`: what `ortft prepare` makes (training and eval graphs, initial adapter,
+  inference template), in-process; `tiny_bundle` prepares each one once per test session.
+- `build_bundle`: only what exports read (inference template, tokenizer, manifest), in seconds, plus the
+  same model in PyTorch + PEFT with non-zero adapters to compare exports against.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from ortft.bundle import MANIFEST_NAME, TOKENIZER_DIR, BundleManifest
+from ortft.config import PrepareConfig
+
+
+def prepare_tiny(model_dir: Path, out: Path, **settings) -> dict:
+    """`ortft prepare` of `model_dir` into `out`, in-process (LoRA r=4, alpha 8 unless `settings` say otherwise)."""
+    from ortft.prepare.pipeline import prepare_bundle
+
+    config = PrepareConfig(model=str(model_dir), out=str(out), rank=settings.pop("rank", 4), alpha=settings.pop("alpha", 8), **settings)
+    return prepare_bundle(config, quiet=True)
+
+
+def tiny_bundle(tmp_path_factory, model_dir: Path, name: str, **settings) -> Path:
+    """A bundle prepared from `model_dir` once per test session (shared by every test module)."""
+    folder = tmp_path_factory.getbasetemp() / "train-bundles" / name
+    if not (folder / MANIFEST_NAME).is_file():
+        prepare_tiny(model_dir, folder, **settings)
+    return folder
 
 
 @dataclass
 class TinyBundle:
+    """A bundle of `build_bundle` and its PyTorch twins."""
+
     bundle_dir: Path
-    manifest: dict
+    manifest: BundleManifest
     base_model: object  # transformers model, no adapters
     peft_model: object  # the same base wrapped in PEFT, adapters with non-zero B
     adapter: dict  # graph name -> numpy array
@@ -24,12 +45,13 @@ class TinyBundle:
 
 def build_bundle(folder: Path, model_type: str = "llama", dora: bool = False, rank: int = 4, alpha: float = 8.0,
                  targets: str | list[str] = "all-linear", zero_b: bool = False, seed: int = 0, **config_overrides) -> TinyBundle:
+    """FOLDER/{inference/, tokenizer/, manifest.json} of a tiny random `model_type` model with LoRA (or DoRA) on
+    `targets`: the bundle an export reads, without the training graphs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ortft.config import PrepareConfig
-    from ortft.manifest import write_manifest
+    from ortft.manifest import BUNDLE_FORMAT, write_manifest
     from ortft.prepare import adapters
     from ortft.prepare.architectures import ARCHITECTURES
     from ortft.prepare.inference import export_inference_template
@@ -54,11 +76,11 @@ def build_bundle(folder: Path, model_type: str = "llama", dora: bool = False, ra
     prepare_config = PrepareConfig(rank=rank, alpha=alpha, targets=",".join(target_list), dora=dora)
     adapter_section = adapters.adapter_settings(peft_model, prepare_config)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(folder / "tokenizer"))
-    if tokenizer.chat_template and not (folder / "tokenizer" / "chat_template.jinja").exists():
-        (folder / "tokenizer" / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    if tokenizer.chat_template and not (folder / TOKENIZER_DIR / "chat_template.jinja").exists():
+        (folder / TOKENIZER_DIR / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     manifest = {
-        "format": "ortft-bundle",
+        "format": BUNDLE_FORMAT,
         "format_version": 1,
         "source": {"path": str(model_dir), "model_type": model_type},
         "task": "causal-lm",
@@ -70,49 +92,9 @@ def build_bundle(folder: Path, model_type: str = "llama", dora: bool = False, ra
         "adapter": adapter_section,
         "trainable": trainable,
         "inference": inference,
-        "tokenizer": {"dir": "tokenizer", "chat_template": "tokenizer/chat_template.jinja"},
+        "tokenizer": {"dir": TOKENIZER_DIR, "chat_template": f"{TOKENIZER_DIR}/chat_template.jinja"},
     }
     manifest = write_manifest(folder, manifest)
-    adapter = {entry["name"]: dict(peft_model.named_parameters())[entry["name"]].detach().numpy().copy() for entry in trainable}
+    parameters = dict(peft_model.named_parameters())
+    adapter = {name: parameters[name].detach().numpy().copy() for name in manifest.trainable_names}
     return TinyBundle(folder, manifest, base_model, peft_model, adapter)
-
-
-def make_run(run_dir: Path, bundle: TinyBundle, steps: tuple[int, ...] = (10,), best_step: int | None = None) -> Path:
-    """RUN_DIR/run.json + checkpoints/step-NNNNNNNN (written by ortft.run, with hashes) (+ best.json).
-
-    Export reads only the adapter.
-    """
-    from ortft import run as runs
-    from ortft.manifest import manifest_digest
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {"bundle": str(bundle.bundle_dir.resolve()), "bundle_manifest_sha256": manifest_digest(bundle.bundle_dir)}
-    (run_dir / "run.json").write_text(json.dumps(run_info), encoding="utf-8")
-    for step in steps:
-        folder = runs.write_checkpoint(run_dir, step, bundle.adapter, {"step": step})
-        if step == best_step:
-            runs.write_best(run_dir, folder, step, 1.0)
-    return run_dir
-
-
-def onnx_logits(model_path: Path, input_ids: np.ndarray, session_config: dict[str, str] | None = None) -> np.ndarray:
-    """Full-sequence logits of an exported KV-cache model, with an empty cache."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
-    return session.run(["logits"], feeds)[0]
-
-
-def torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(input_ids)).logits.numpy()

@@ -1,19 +1,11 @@
-"""Test helpers: prepare tiny bundles in-process and compare ORT's losses with PyTorch+PEFT's."""
+"""Reference computations to compare ortft against: PyTorch + PEFT twins of a tiny bundle, their losses and
+logits, random batches and adapters, and two TrainingSessions trained side by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-from ortft.config import PrepareConfig
-
-
-def prepare_tiny(model_dir: Path, out: Path, **settings) -> dict:
-    from ortft.prepare.pipeline import prepare_bundle
-
-    config = PrepareConfig(model=str(model_dir), out=str(out), rank=settings.pop("rank", 4), alpha=settings.pop("alpha", 8), **settings)
-    return prepare_bundle(config, quiet=True)
 
 
 def batch_for(manifest: dict, batch: int = 2, seq: int = 12, seed: int = 1) -> dict:
@@ -111,3 +103,43 @@ def assert_trains_alike(sessions: list, batch: dict, steps: int = 3, rel: float 
     for name in sessions[0].trainable_names():
         np.testing.assert_allclose(sessions[1].parameter(name), sessions[0].parameter(name), rtol=rtol, atol=atol)
     return losses
+
+
+def onnx_logits(model_path: Path, input_ids: np.ndarray, session_config: dict[str, str] | None = None) -> np.ndarray:
+    """Full-sequence logits of an exported KV-cache model, with an empty cache."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
+    return session.run(["logits"], feeds)[0]
+
+
+def torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(input_ids)).logits.numpy()
+
+
+def onnx_adapter_logits(folder, name, input_ids):
+    """Logits with onnxruntime's own adapter API (RunOptions.add_active_adapter)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(folder / "adapters" / f"{name}.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
+    return session.run(["logits"], feeds, options)[0]

@@ -23,9 +23,9 @@ because ORT's CPU reductions return an empty input unreduced.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult, consumers_of
-from .opset import default_opset
-from .transposed_gemm import declared_ranks, inferred_ranks
+from .base import GraphPass, PassResult, consumers_of, producers_of
+from .transpose_into_gemm import declared_ranks, inferred_ranks
+from .upgrade_opset import default_opset
 
 CHUNKED_LOSS_PREFIX = "ortft_chunked_loss"
 
@@ -71,7 +71,7 @@ class ChunkedCrossEntropy(GraphPass):
 
     def call(self, model) -> PassResult:
         graph = model.graph
-        producers = {output: node for node in graph.node for output in node.output}
+        producers = producers_of(graph)
         consumers = consumers_of(graph)
         ranks = None
         count = 0

@@ -1,6 +1,6 @@
 """Turn MatMul(A, Transpose(W)) with a 2-D A into Gemm(A, W, transB=1): no transposed copy of W.
 
-A weight that is also read elsewhere cannot be stored pre-transposed (see pretranspose.py): an LM head
+A weight that is also read elsewhere cannot be stored pre-transposed (see pretranspose_frozen_weights.py): an LM head
 tied to the embedding table is read by Gather as [vocab, hidden] and by the head as its transpose.
 torch exports the head as MatMul(hidden, Transpose(table)), so every step wrote a transposed copy of
 the whole table (113 MB for SmolLM2's 49k x 576), kept it for the backward pass, and a quantized
@@ -16,7 +16,7 @@ is removed.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult
+from .base import GraphPass, PassResult, producers_of
 
 
 def declared_ranks(graph) -> dict[str, int]:
@@ -64,7 +64,7 @@ class TransposeIntoGemm(GraphPass):
 
         graph = model.graph
         ranks = declared_ranks(graph)
-        producers = {output: node for node in graph.node for output in node.output}
+        producers = producers_of(graph)
         count = 0
         inferred = False
         for node in graph.node:

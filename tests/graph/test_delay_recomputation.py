@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ortft.graph.delay_recompute import DelayRecomputation
+from ortft.graph.delay_recomputation import DelayRecomputation
 
 
 def _toy_training_graph():
@@ -74,14 +74,15 @@ def test_the_clone_waits_for_the_gradient_and_computes_the_same(tmp_path):
 
 
 def test_a_bundle_trains_the_same_with_delayed_clones(tiny_llama, tmp_path, monkeypatch):
-    from ortft.prepare import artifacts
+    from ortft.graph.base import PassResult
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     delayed = prepare_tiny(tiny_llama, tmp_path / "delayed")
     with monkeypatch.context() as patch:
-        patch.setattr(artifacts, "_delay_recomputation", lambda path: 0)
+        patch.setattr(DelayRecomputation, "call", lambda self, model: PassResult(model, False, 0))
         plain = prepare_tiny(tiny_llama, tmp_path / "plain")
     layers = delayed["model"]["num_layers"]
     # at least each layer's act(gate) and post-attention norm (the first layer's input norm reads the embedding,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.shared_lora_input import ShareLoraInput
+from ortft.graph.share_lora_input import ShareLoraInput
 
 IN, RANKS, OUTS = 24, (4, 4, 2), (40, 8, 8)
 
@@ -73,7 +73,8 @@ def test_a_bundle_with_shared_lora_inputs_trains_exactly_like_one_without(tiny_l
     from ortft.graph.base import PassResult
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     shared = prepare_tiny(tiny_llama, tmp_path / "shared")
     with monkeypatch.context() as patch:

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ortft.graph.chunked_loss import ChunkedCrossEntropy
+from ortft.graph.chunked_cross_entropy import ChunkedCrossEntropy
 
 HIDDEN, VOCAB = 16, 3000
 
@@ -103,7 +103,7 @@ def test_log_probabilities_read_elsewhere_keep_the_fused_op():
 @pytest.mark.parametrize("rows, sizes", [(3, [3, 0, 0, 0]), (7, [5, 2, 0, 0]), (12, [5, 5, 2, 0]), (40, [10, 10, 10, 10])])
 def test_slices_hold_at_least_min_rows_and_give_the_same_loss(rows, sizes):
     """Few labelled rows go in fewer, larger slices (faster LM-head products); many rows still in `chunks` slices."""
-    from ortft.graph.chunked_loss import CHUNKED_LOSS_PREFIX
+    from ortft.graph.chunked_cross_entropy import CHUNKED_LOSS_PREFIX
 
     model = _head_and_loss()
     chunked = _rewritten(model, chunks=4, min_rows=5)
@@ -122,7 +122,8 @@ def test_a_bundle_with_the_chunked_loss_trains_like_one_with_the_fused_op(tiny_l
     """Same losses (training and evaluation) and the same adapter weights after three AdamW steps."""
     from ortft.runtime import TrainingSession
 
-    from prepare.helpers import assert_trains_alike, batch_for, prepare_tiny
+    from helpers.bundles import prepare_tiny
+    from helpers.reference import assert_trains_alike, batch_for
 
     fused = prepare_tiny(tiny_llama, tmp_path / "fused", loss_chunks=0)
     chunked = prepare_tiny(tiny_llama, tmp_path / "chunked", loss_chunks=3, loss_chunk_rows=1)  # three real slices

@@ -8,7 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .paths import ROOT
+
 KINDS = ("math", "words", "facts")
 # Small and fast: 3 SuperNodes share 2 cores.
 FAST_FED = ("--seq-len", "128", "--batch-size", "4", "--threads", "1", "--lr", "3e-3")

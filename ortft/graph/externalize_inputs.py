@@ -61,6 +61,10 @@ class ExternalizeInputs(GraphPass):
         self.location = location
         self.offsets = offsets
 
+    @property
+    def name(self) -> str:
+        return f"ExternalizeInputs[{self.location}]"  # a stage may store tensors in several files
+
     def call(self, model) -> PassResult:
         from onnx import TensorProto
 

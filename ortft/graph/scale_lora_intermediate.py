@@ -16,7 +16,7 @@ is read by that Mul only, and h = MatMul(x, V) is read by that MatMul only.
 
 from __future__ import annotations
 
-from .base import GraphPass, PassResult, consumers_of
+from .base import GraphPass, PassResult, consumers_of, producers_of
 
 
 def _single_values(graph) -> set[str]:
@@ -39,7 +39,7 @@ class ScaleLoraIntermediate(GraphPass):
     def call(self, model) -> PassResult:
         graph = model.graph
         nodes = list(graph.node)
-        producers = {output: node for node in nodes for output in node.output}
+        producers = producers_of(graph)
         readers = {name: len(users) for name, users in consumers_of(graph).items()}
         for value in graph.output:
             readers[value.name] = readers.get(value.name, 0) + 1
