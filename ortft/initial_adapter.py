@@ -61,7 +61,7 @@ def read_initial_adapter(bundle_dir: Path | str, manifest: dict) -> dict[str, np
     """Every trainable tensor's starting value, keyed by graph name, float32: the file's tensors and the
     manifest's zeros (not checked against the manifest's trainable set: `load_parameters` does that)."""
     from .adapter import load_adapter
-    from .runtime import INITIAL_ADAPTER
+    from .bundle import INITIAL_ADAPTER
 
     path = Path(bundle_dir) / INITIAL_ADAPTER
     zero_shapes = zero_tensor_shapes(manifest, str(Path(bundle_dir) / "manifest.json"))
@@ -70,7 +70,8 @@ def read_initial_adapter(bundle_dir: Path | str, manifest: dict) -> dict[str, np
 
 def initial_parameters(bundle_dir: Path | str, manifest: dict) -> dict[str, np.ndarray]:
     """`read_initial_adapter`, exactly the manifest's trainable tensors with their shapes, in its order."""
-    from .runtime import INITIAL_ADAPTER, fit_parameters
+    from .bundle import INITIAL_ADAPTER
+    from .runtime import fit_parameters
 
     shapes = {entry["name"]: entry["shape"] for entry in manifest["trainable"]}
     return fit_parameters(read_initial_adapter(bundle_dir, manifest), list(shapes), shapes,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import EVAL_GRAPH, FROZEN_DATA, INITIAL_ADAPTER, QUANTIZED_DATA, TRAINING_GRAPH, BundleManifest
+from .bundle import EVAL_GRAPH, FROZEN_DATA, QUANTIZED_DATA, TRAINING_GRAPH, BundleManifest
 from .memory import drop_mapped_pages, release_freed_memory, reuse_large_blocks
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from ortft.errors import UserError
 from ortft.initial_adapter import ZEROS_KEY, initial_parameters, split_zero_tensors
 from ortft.manifest import read_manifest, write_manifest
 from ortft.adapter import adapter_bytes, load_adapter
-from ortft.runtime import INITIAL_ADAPTER, TrainingSession
+from ortft.bundle import INITIAL_ADAPTER
+from ortft.runtime import TrainingSession
 
 
 @pytest.fixture(scope="module")

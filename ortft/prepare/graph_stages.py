@@ -37,7 +37,7 @@ from ..graph.share_dequantized import ShareDequantized
 from ..graph.share_lora_input import ShareLoraInput
 from ..graph.transpose_into_gemm import TransposeIntoGemm
 from ..graph.upgrade_opset import UpgradeOpset
-from ..runtime import EVAL_GRAPH, TRAINING_GRAPH
+from ..bundle import EVAL_GRAPH, TRAINING_GRAPH
 
 if TYPE_CHECKING:
     from .artifacts import Quantization

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..graph.prefix_split import HIDDEN_STATES, split_prefix
-from ..runtime import EVAL_GRAPH, TRAINING_GRAPH
+from ..bundle import EVAL_GRAPH, TRAINING_GRAPH
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from ortft.export_adapter_onnx import export_onnx_adapter
 from ortft.export_gguf import export_gguf
 from ortft.inference_template import DEQUANTIZE_SESSION_CONFIG, InferenceTemplate
 from ortft.manifest import load_verified
-from ortft.runtime import FROZEN_DATA, QUANTIZED_DATA
+from ortft.bundle import FROZEN_DATA, QUANTIZED_DATA
 
 from helpers.bundles import prepare_tiny
 from helpers.reference import torch_peft_model
