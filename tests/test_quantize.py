@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ortft.quantize import error_stats, pack_int4, quantize, quantize_int4, quantize_int8, unpack_int4
+from ortft.quantize import (
+    error_stats,
+    pack_int4,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_exact,
+    unpack_int4,
+)
 
 
 def _weight(shape=(96, 80), seed=0):
@@ -64,3 +72,41 @@ def test_int4_bytes_and_zero_weights():
     assert error_stats(weight, quantized)["max_rel_error"] == 0.0
     with pytest.raises(ValueError):
         quantize(weight, "int2", axis=0)
+
+
+def q8_0_values(shape, axis=1, seed=0) -> np.ndarray:
+    """What a GGUF Q8_0 tensor dequantizes to: int8 (the largest +-127) x a float16 scale per 32-block along `axis`."""
+    rng = np.random.default_rng(seed)
+    moved = list(shape)
+    moved[axis], moved[-1] = moved[-1], moved[axis]
+    blocks = rng.standard_normal(tuple(moved[:-1]) + (moved[-1] // 32, 32)).astype(np.float32)
+    scale = (np.abs(blocks).max(-1) / 127 * 0.02).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(blocks / np.abs(blocks).max(-1, keepdims=True) * 127), -127, 127)
+    values = (q.astype(np.int8).astype(np.float32) * scale[..., None]).reshape(moved)  # an integer 0: +0.0
+    return np.ascontiguousarray(np.swapaxes(values, axis, -1))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_int8_exact_recovers_q8_0_values_bit_for_bit(axis):
+    weight = q8_0_values((64, 96), axis)
+    weight[3] = 0.0  # all-zero blocks are exact too
+    quantized = quantize_int8_exact(weight, axis)
+    assert quantized is not None and quantized.q.dtype == np.int8 and quantized.block_size == 32
+    assert quantized.scale.shape == tuple(n // 32 if i == axis else n for i, n in enumerate(weight.shape))
+    assert np.array_equal(quantized.dequantize().view(np.uint32), weight.view(np.uint32))
+    assert error_stats(weight, quantized)["max_abs_error"] == 0.0
+    assert quantized.nbytes() == weight.size + quantized.scale.size * 4
+
+
+def test_int8_exact_refuses_anything_not_exactly_representable():
+    weight = q8_0_values((64, 96))
+    assert quantize_int8_exact(_weight((64, 96)), axis=1) is None  # a float table
+    nudged = weight.copy()
+    nudged[5, 7] = np.nextafter(nudged[5, 7], np.float32(1))  # one value one ulp off
+    assert quantize_int8_exact(nudged, axis=1) is None
+    signed_zero = weight.copy()
+    signed_zero[0, :32] = 0.0
+    signed_zero[0, 0] = -0.0  # dequantizes to +0.0: not the same bits
+    assert quantize_int8_exact(signed_zero, axis=1) is None
+    assert quantize_int8_exact(weight[:, :80], axis=1) is None  # 80 is not a whole number of blocks
+    assert quantize_int8_exact(weight, axis=0) is None  # blocks along the other axis do not share a scale

@@ -130,6 +130,14 @@ def quantization_targets(model, trainable: set[str], settings: Quantization) -> 
     return chosen
 
 
+def exact_targets(model, trainable: set[str], settings: Quantization) -> list[str]:
+    """Without --quantize-embeddings: the embedding tables (a tied LM head is the same tensor), which are
+    stored as int8 only where that is lossless (a GGUF's Q8_0 table; QuantizeWeights' exact_names)."""
+    if settings.embeddings:
+        return []
+    return [name for name in embedding_weights(model) if name not in trainable]
+
+
 class QuantizeChosenWeights(GraphPass):
     """QuantizeWeights on the frozen weights `settings` chooses, chosen when the pass runs (after the
     passes before it have rewritten the graph); keeps the quantizer (its tensors and per-layer errors)
@@ -149,5 +157,6 @@ class QuantizeChosenWeights(GraphPass):
         settings = self.settings
         self.frozen_bytes_before = float_initializer_bytes(model, self.trainable)
         self.quantizer = QuantizeWeights(quantization_targets(model, self.trainable, settings), settings.scheme,
-                                         settings.block_size, settings.symmetric, as_inputs=True)
+                                         settings.block_size, settings.symmetric, as_inputs=True,
+                                         exact_names=exact_targets(model, self.trainable, settings))
         return self.quantizer.call(model)
