@@ -15,6 +15,8 @@ from ortft.quantize import (
     unpack_int4,
 )
 
+from helpers.quantized import q8_0_values
+
 
 def _weight(shape=(96, 80), seed=0):
     return (np.random.default_rng(seed).standard_normal(shape) * 0.02).astype(np.float32)
@@ -72,18 +74,6 @@ def test_int4_bytes_and_zero_weights():
     assert error_stats(weight, quantized)["max_rel_error"] == 0.0
     with pytest.raises(ValueError):
         quantize(weight, "int2", axis=0)
-
-
-def q8_0_values(shape, axis=1, seed=0) -> np.ndarray:
-    """What a GGUF Q8_0 tensor dequantizes to: int8 (the largest +-127) x a float16 scale per 32-block along `axis`."""
-    rng = np.random.default_rng(seed)
-    moved = list(shape)
-    moved[axis], moved[-1] = moved[-1], moved[axis]
-    blocks = rng.standard_normal(tuple(moved[:-1]) + (moved[-1] // 32, 32)).astype(np.float32)
-    scale = (np.abs(blocks).max(-1) / 127 * 0.02).astype(np.float16).astype(np.float32)
-    q = np.clip(np.rint(blocks / np.abs(blocks).max(-1, keepdims=True) * 127), -127, 127)
-    values = (q.astype(np.int8).astype(np.float32) * scale[..., None]).reshape(moved)  # an integer 0: +0.0
-    return np.ascontiguousarray(np.swapaxes(values, axis, -1))
 
 
 @pytest.mark.parametrize("axis", [0, 1])
