@@ -11,7 +11,7 @@ directly (a pre-transposed [in, out] weight), axis 1 otherwise ([out, in], e.g. 
 an embedding table read by Gather). int8 is per output channel (opset 13); int4 is blocked (opset 21).
 `self.layers` holds, per quantized tensor, its bytes before/after and the error statistics.
 
-`exact_names` are stored as int8 in blocks along the input axis (opset 21) only if that is lossless
+`exact_names` are stored as int8 in blocks of 32 along the input axis (opset 21) only if that is lossless
 (`quantize_int8_exact`: an embedding table that a GGUF held as Q8_0), whatever the scheme; a weight
 that is not exactly representable stays float (in `self.skipped`), as if it had not been named.
 
@@ -35,6 +35,7 @@ from .upgrade_opset import default_opset
 
 DEQUANTIZED_SUFFIX = "_dequantized"
 NODE_PREFIX = "ortft_dq/"
+EXACT_BLOCK_SIZE = 32  # exact_names: GGUF's Q8_0 block, whatever --block-size says
 PART_ELEMENTS = 1 << 23  # 8 Mi values = 32 MiB dequantized: above any 1B model's MLP weight (2048 x 5632)
 
 
@@ -123,9 +124,9 @@ class QuantizeWeights(GraphPass):
             axis = input_axis(name, users)
             exact = name in self.exact_names
             if exact:
-                quantized = quantize_int8_exact(weight, axis, self.block_size) if default_opset(model) >= 21 else None
+                quantized = quantize_int8_exact(weight, axis, EXACT_BLOCK_SIZE) if default_opset(model) >= 21 else None
                 if quantized is None:
-                    self.skipped[name] = f"not exactly int8 x a scale per {self.block_size}-block (or the graph is below opset 21)"
+                    self.skipped[name] = f"not exactly int8 x a scale per {EXACT_BLOCK_SIZE}-block (or the graph is below opset 21)"
                     continue
             else:
                 quantized = quantize(weight, self.scheme, axis, self.block_size, self.symmetric)
@@ -145,7 +146,7 @@ class QuantizeWeights(GraphPass):
                 for node in users:
                     replaced[id(node)] = _split_matmul(node, dq_names)
             self.layers[name] = {
-                **({"scheme": "int8-exact", "block_size": self.block_size} if exact else {}),
+                **({"scheme": "int8-exact", "block_size": EXACT_BLOCK_SIZE} if exact else {}),
                 "shape": list(weight.shape),
                 "parts": len(parts),
                 "axis": axis,
