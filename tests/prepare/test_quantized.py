@@ -11,7 +11,7 @@ from ortft.runtime import TrainingSession
 
 from helpers.bundles import prepare_tiny
 from helpers.quantized import q8_0_values
-from helpers.reference import batch_for
+from helpers.reference import batch_for, onnx_logits
 
 
 def _loss(outputs) -> float:
@@ -185,6 +185,18 @@ def test_an_exactly_int8_embedding_table_is_stored_as_int8_and_trains_bit_for_bi
         for session in sessions:
             session.optimizer_step(5e-3)
     assert _loss(sessions[1].evaluate(batch)) == pytest.approx(_loss(sessions[0].evaluate(batch)), rel=0, abs=1e-7)
+
+    # The inference template (generate, exports) reads the same table: the same weights and logits.
+    from ortft.inference_template import InferenceTemplate
+
+    hf_names = list(old["inference"]["weights"])
+    weights = [InferenceTemplate(tmp_path / name, manifest).read_weights(hf_names) for name, manifest in (("old", old), ("exact", exact))]
+    for name in hf_names:
+        assert np.array_equal(weights[1][name], weights[0][name]), name
+    input_ids = batch["input_ids"][:1]
+    logits = [onnx_logits(tmp_path / name / "inference_model.onnx", input_ids, {"session.qdq_matmulnbits_accuracy_level": "1"})
+              for name in ("old", "exact")]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-6)
 
 
 def test_a_float_embedding_table_leaves_the_quantized_bundle_unchanged(tiny_model_factory, tmp_path, monkeypatch):
