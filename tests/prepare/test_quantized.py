@@ -144,9 +144,9 @@ def _with_q8_0_embeddings(model_dir, out):
 
 
 def _without_exact_embeddings(monkeypatch):
-    from ortft.prepare import artifacts
+    from ortft.prepare import graph_stages
 
-    monkeypatch.setattr(artifacts, "exact_targets", lambda model, trainable, settings: [])
+    monkeypatch.setattr(graph_stages, "exact_targets", lambda model, trainable, settings: [])
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
