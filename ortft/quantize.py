@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEMES = ("int8", "int4")
+MAX_OFF_SCALE_BLOCKS = 64  # quantize_int8_exact: blocks whose largest value is not +-127 x the scale, at least
 
 
 @dataclass
@@ -125,8 +126,9 @@ def quantize_int8_exact(weight: np.ndarray, axis: int, block_size: int = 32) -> 
 
     Each block's scale is its largest magnitude / k for the largest integer k <= 127 that reproduces the
     block: GGUF's Q8_0 rounds that value to exactly +-127 x its scale (and 127 x a float16 scale is exact
-    in float32, so the division recovers the scale); k < 127 is tried only for blocks where 127 fails. An
-    all-zero block gets scale 1. Checked on every value: q x scale in float32 must equal it (as bits).
+    in float32, so the division recovers the scale); k < 127 is tried only for blocks where 127 fails, and
+    only if those are few (at most 1% of the blocks, or MAX_OFF_SCALE_BLOCKS). An all-zero block gets
+    scale 1. Checked on every value: q x scale in float32 must equal it (as bits).
     """
     weight = np.asarray(weight, dtype=np.float32)
     if weight.shape[axis] % block_size or not np.isfinite(weight).all():
@@ -141,6 +143,8 @@ def quantize_int8_exact(weight: np.ndarray, axis: int, block_size: int = 32) -> 
     for largest in range(127, 0, -1):
         if not pending.size:
             break
+        if largest < 127 and pending.size > max(MAX_OFF_SCALE_BLOCKS, blocks.shape[0] // 100):
+            return None  # most blocks are not +-127 x a scale: a float table (fail fast, not 126 more passes)
         trial_scale = absmax[pending] / np.float32(largest)
         trial_q = np.clip(np.rint(blocks[pending] / trial_scale[:, None]), -127, 127).astype(np.int8)
         exact = _same_bits(trial_q.astype(np.float32) * trial_scale[:, None], blocks[pending]).all(axis=-1)
