@@ -7,6 +7,8 @@ The quantized "group" (one scale, and for asymmetric int4 one zero point) runs a
 - int4: blocks of `block_size` consecutive values along `axis`; symmetric (q in [-7, 7], no zero
   point) or asymmetric (uint4 q in [0, 15] with a uint4 zero point per block); DequantizeLinear with
   `axis` and `block_size` (opset 21). int4 values pack two to a byte, low nibble first (ONNX's layout).
+- int8, exact (`quantize_int8_exact`): symmetric int8 in blocks along `axis` (opset 21), only for a weight
+  whose float32 values are exactly q x scale (a GGUF Q8_0 tensor dequantized): lossless, else None.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from .config import INT4_BLOCK_SIZE
 
 SCHEMES = ("int8", "int4")
+Q8_0_BLOCK_SIZE = 32  # GGUF Q8_0: int8 values per float16 scale, the block an exact int8 table is found in
+MAX_OFF_SCALE_BLOCKS = 64  # quantize_int8_exact: blocks whose largest value is not +-127 x the scale, at least
 
 
 @dataclass
@@ -29,7 +33,7 @@ class QuantizedWeight:
     scale: np.ndarray  # float32: [n] for int8 (n = size of the other axis), blocks-shaped for int4
     zero_point: np.ndarray | None  # uint8, shape of scale (asymmetric int4), else None
     axis: int  # the axis the groups run along (the weight's input dimension)
-    block_size: int | None  # int4 only
+    block_size: int | None  # int4, and int8 in blocks (exact); None: int8 per channel
     shape: tuple = field(default=())
 
     @property
@@ -37,7 +41,7 @@ class QuantizedWeight:
         return self.zero_point is None
 
     def dequantize(self) -> np.ndarray:
-        if self.scheme == "int8":
+        if self.block_size is None:
             scale = np.expand_dims(self.scale, self.axis)
             return self.q.astype(np.float32) * scale
         scale = _expand_blocks(self.scale, self.axis, self.block_size, self.q.shape[self.axis])
@@ -119,6 +123,51 @@ def quantize_int4(weight: np.ndarray, axis: int, block_size: int = INT4_BLOCK_SI
                            tuple(weight.shape))
 
 
+def quantize_int8_exact(weight: np.ndarray, axis: int, block_size: int = Q8_0_BLOCK_SIZE) -> QuantizedWeight | None:
+    """Symmetric int8 in blocks of `block_size` along `axis` that DequantizeLinear turns back into exactly
+    `weight`, bit for bit, or None when `weight` is not of that form.
+
+    Each block's scale is its largest magnitude / k for the largest integer k <= 127 that reproduces the
+    block: GGUF's Q8_0 rounds that value to exactly +-127 x its scale (and 127 x a float16 scale is exact
+    in float32, so the division recovers the scale); k < 127 is tried only for blocks where 127 fails, and
+    only if those are few (at most 1% of the blocks, or MAX_OFF_SCALE_BLOCKS). An all-zero block gets
+    scale 1. Checked on every value: q x scale in float32 must equal it (as bits).
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.shape[axis] % block_size or not np.isfinite(weight).all():
+        return None
+    blocks = _blocked(weight, axis, block_size).reshape(-1, block_size)
+    absmax = np.abs(blocks).max(axis=-1)
+    if not _same_bits(blocks[absmax == 0], np.float32(0)).all():
+        return None  # a -0.0 in an all-zero block: DequantizeLinear gives +0.0
+    scale = np.ones(absmax.shape, np.float32)
+    q = np.zeros(blocks.shape, np.int8)
+    pending = np.flatnonzero(absmax > 0)
+    for largest in range(127, 0, -1):
+        if not pending.size:
+            break
+        if largest < 127 and pending.size > max(MAX_OFF_SCALE_BLOCKS, blocks.shape[0] // 100):
+            return None  # most blocks are not +-127 x a scale: a float table (fail fast, not 126 more passes)
+        trial_scale = absmax[pending] / np.float32(largest)
+        trial_q = np.clip(np.rint(blocks[pending] / trial_scale[:, None]), -127, 127).astype(np.int8)
+        exact = _same_bits(trial_q.astype(np.float32) * trial_scale[:, None], blocks[pending]).all(axis=-1)
+        scale[pending[exact]] = trial_scale[exact]
+        q[pending[exact]] = trial_q[exact]
+        pending = pending[~exact]
+    if pending.size:
+        return None
+    moved_shape = np.moveaxis(weight, axis, -1).shape
+    q = np.moveaxis(q.reshape(moved_shape), -1, axis)
+    scale = np.moveaxis(scale.reshape(moved_shape[:-1] + (-1,)), -1, axis)
+    return QuantizedWeight("int8", np.ascontiguousarray(q), np.ascontiguousarray(scale), None, axis, block_size,
+                           tuple(weight.shape))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise float32 equality of the bits (-0.0 and 0.0 differ)."""
+    return np.ascontiguousarray(a, np.float32).view(np.uint32) == np.ascontiguousarray(b, np.float32).view(np.uint32)
+
+
 def quantize(weight: np.ndarray, scheme: str, axis: int, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True) -> QuantizedWeight:
     """Quantize a 2-D weight whose input (reduction) dimension is `axis`."""
     if scheme == "int8":
@@ -158,7 +207,7 @@ def error_stats(weight: np.ndarray, quantized: QuantizedWeight) -> dict:
     """
     weight = np.asarray(weight, dtype=np.float32)
     error = np.abs(weight - quantized.dequantize())
-    if quantized.scheme == "int8":
+    if quantized.block_size is None:
         group_err = error.max(axis=quantized.axis)
         group_max = np.abs(weight).max(axis=quantized.axis)
     else:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ortft.quantize import error_stats, pack_int4, quantize, quantize_int4, quantize_int8, unpack_int4
+from ortft.quantize import (
+    error_stats,
+    pack_int4,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_exact,
+    unpack_int4,
+)
+
+from helpers.quantized import q8_0_values
 
 
 def _weight(shape=(96, 80), seed=0):
@@ -64,3 +74,29 @@ def test_int4_bytes_and_zero_weights():
     assert error_stats(weight, quantized)["max_rel_error"] == 0.0
     with pytest.raises(ValueError):
         quantize(weight, "int2", axis=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_int8_exact_recovers_q8_0_values_bit_for_bit(axis):
+    weight = q8_0_values((64, 96), axis)
+    weight[3] = 0.0  # all-zero blocks are exact too
+    quantized = quantize_int8_exact(weight, axis)
+    assert quantized is not None and quantized.q.dtype == np.int8 and quantized.block_size == 32
+    assert quantized.scale.shape == tuple(n // 32 if i == axis else n for i, n in enumerate(weight.shape))
+    assert np.array_equal(quantized.dequantize().view(np.uint32), weight.view(np.uint32))
+    assert error_stats(weight, quantized)["max_abs_error"] == 0.0
+    assert quantized.nbytes() == weight.size + quantized.scale.size * 4
+
+
+def test_int8_exact_refuses_anything_not_exactly_representable():
+    weight = q8_0_values((64, 96))
+    assert quantize_int8_exact(_weight((64, 96)), axis=1) is None  # a float table
+    nudged = weight.copy()
+    nudged[5, 7] = np.nextafter(nudged[5, 7], np.float32(1))  # one value one ulp off
+    assert quantize_int8_exact(nudged, axis=1) is None
+    signed_zero = weight.copy()
+    signed_zero[0, :32] = 0.0
+    signed_zero[0, 0] = -0.0  # dequantizes to +0.0: not the same bits
+    assert quantize_int8_exact(signed_zero, axis=1) is None
+    assert quantize_int8_exact(weight[:, :80], axis=1) is None  # 80 is not a whole number of blocks
+    assert quantize_int8_exact(weight, axis=0) is None  # blocks along the other axis do not share a scale

@@ -38,7 +38,8 @@ _defaults = PrepareConfig()
               help="Store graph weights as ONNX external data (default: only past 2 GB).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=_defaults.quantize,
               help="QLoRA-style: store the frozen base weights of the adapted linear layers as int8 (per channel) "
-                   "or int4 (blocked), dequantized in the graph; adapters stay float32.")
+                   "or int4 (blocked), dequantized in the graph; adapters stay float32. An embedding table "
+                   "that is exactly int8 x a scale per 32 values (a GGUF's Q8_0) is stored as int8 too, losslessly.")
 @click.option("--block-size", type=int, default=_defaults.block_size, show_default=True,
               help="int4: weights per scale block (along each layer's input dimension).")
 @click.option("--asymmetric", is_flag=True, help="int4: asymmetric blocks (uint4 with a zero point per block).")

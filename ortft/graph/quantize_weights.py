@@ -11,6 +11,10 @@ directly (a pre-transposed [in, out] weight), axis 1 otherwise ([out, in], e.g. 
 an embedding table read by Gather). int8 is per output channel (opset 13); int4 is blocked (opset 21).
 `self.layers` holds, per quantized tensor, its bytes before/after and the error statistics.
 
+`exact_names` are stored as int8 in blocks of 32 along the input axis (opset 21) only if that is lossless
+(`quantize_int8_exact`: an embedding table that a GGUF held as Q8_0), whatever the scheme; a weight
+that is not exactly representable stays float (in `self.skipped`), as if it had not been named.
+
 A weight far larger than the others (an untied LM head: 32000 x 2048 on a 1.1B Llama, 262 MB once
 dequantized) is split into column parts of at most `part_elements` values, each with its own
 DequantizeLinear and MatMul, joined by a Concat on the last axis. Only one part's float32 copy exists
@@ -27,11 +31,13 @@ in practice only an LM head tied to the embedding table (Gather + Transpose) is 
 from __future__ import annotations
 
 from ..config import INT4_BLOCK_SIZE
+from ..quantize import Q8_0_BLOCK_SIZE
 from .base import GraphPass, PassResult, consumers_of
 from .upgrade_opset import default_opset
 
 DEQUANTIZED_SUFFIX = "_dequantized"
 NODE_PREFIX = "ortft_dq/"
+EXACT_BLOCK_SIZE = Q8_0_BLOCK_SIZE  # exact_names: GGUF's Q8_0 block, whatever --block-size says
 PART_ELEMENTS = 1 << 23  # 8 Mi values = 32 MiB dequantized: above any 1B model's MLP weight (2048 x 5632)
 
 
@@ -78,8 +84,9 @@ class QuantizeWeights(GraphPass):
     """
 
     def __init__(self, names, scheme: str, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True, as_inputs: bool = False,
-                 part_elements: int | None = None):
-        self.names = list(dict.fromkeys(names))
+                 part_elements: int | None = None, exact_names=()):
+        self.exact_names = list(dict.fromkeys(exact_names))
+        self.names = list(dict.fromkeys([*names, *self.exact_names]))
         self.part_elements = PART_ELEMENTS if part_elements is None else part_elements  # 0: never split
         self.scheme = scheme
         self.block_size = block_size
@@ -92,7 +99,7 @@ class QuantizeWeights(GraphPass):
     def call(self, model) -> PassResult:
         from onnx import TensorProto, numpy_helper
 
-        from ..quantize import error_stats, quantize
+        from ..quantize import error_stats, quantize, quantize_int8_exact
 
         graph = model.graph
         needed = 21 if self.scheme == "int4" else 13
@@ -117,7 +124,14 @@ class QuantizeWeights(GraphPass):
                 continue
             weight = numpy_helper.to_array(tensor)
             axis = input_axis(name, users)
-            quantized = quantize(weight, self.scheme, axis, self.block_size, self.symmetric)
+            exact = name in self.exact_names
+            if exact:
+                quantized = quantize_int8_exact(weight, axis, EXACT_BLOCK_SIZE) if default_opset(model) >= 21 else None
+                if quantized is None:
+                    self.skipped[name] = f"not exactly int8 x a scale per {EXACT_BLOCK_SIZE}-block (or the graph is below opset 21)"
+                    continue
+            else:
+                quantized = quantize(weight, self.scheme, axis, self.block_size, self.symmetric)
             parts = self._column_parts(weight.shape, axis)
             if len(parts) == 1:
                 dq_name = name + DEQUANTIZED_SUFFIX
@@ -134,6 +148,7 @@ class QuantizeWeights(GraphPass):
                 for node in users:
                     replaced[id(node)] = _split_matmul(node, dq_names)
             self.layers[name] = {
+                **({"scheme": "int8-exact", "block_size": EXACT_BLOCK_SIZE} if exact else {}),
                 "shape": list(weight.shape),
                 "parts": len(parts),
                 "axis": axis,
@@ -176,7 +191,7 @@ class QuantizeWeights(GraphPass):
         prefix = NODE_PREFIX + name
         if quantized.scheme == "int8":
             values = numpy_helper.from_array(quantized.q, prefix + "/q")
-            attributes = {"axis": 1 - quantized.axis}
+            attributes = {"axis": 1 - quantized.axis} if quantized.block_size is None else {"axis": quantized.axis, "block_size": quantized.block_size}
         else:
             dtype = TensorProto.INT4 if quantized.symmetric else TensorProto.UINT4
             values = helper.make_tensor(prefix + "/q", dtype, list(quantized.q.shape), pack_int4(quantized.q), raw=True)

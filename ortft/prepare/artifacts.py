@@ -256,7 +256,7 @@ def _quantization_section(loss_graph: LossGraph, training: PassManager, evaluati
         "block_size": settings.block_size if settings.scheme == "int4" else None,
         "symmetric": settings.symmetric if settings.scheme == "int4" else True,
         "all_linear": settings.all_linear,
-        "embeddings": settings.embeddings,
+        "embeddings": settings.embeddings or _exact_embeddings(quantizer),
         "opset": loss_graph.opset,
         "recomputed_for_backward": training.count("RecomputeDequantize"),
         "dequantize_shared": {TRAINING_GRAPH: training.count("ShareDequantized"),
@@ -268,6 +268,12 @@ def _quantization_section(loss_graph: LossGraph, training: PassManager, evaluati
         "mean_rel_rms_error": (sum(layer["rel_rms_error"] for layer in quantizer.layers.values()) / len(quantizer.layers))
         if quantizer.layers else 0.0,
     }
+
+
+def _exact_embeddings(quantizer: QuantizeWeights) -> str | bool:
+    """"int8-exact" when an embedding table was stored as lossless int8 (QuantizeWeights' exact_names), else False."""
+    exact = any(quantizer.layers.get(name, {}).get("scheme") == "int8-exact" for name in quantizer.exact_names)
+    return "int8-exact" if exact else False
 
 
 def _write_initial_adapter(loss_graph: LossGraph, path: Path) -> list[str]:

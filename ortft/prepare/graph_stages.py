@@ -24,6 +24,7 @@ from ..graph.portable_ops import PortableOps
 from ..graph.pipeline import PassManager
 from ..graph.pretranspose_frozen_weights import PretransposeFrozenWeights
 from ..graph.quantize_weights import (
+    EXACT_BLOCK_SIZE,
     NODE_PREFIX,
     QuantizeWeights,
     embedding_weights,
@@ -36,14 +37,14 @@ from ..graph.scale_lora_intermediate import ScaleLoraIntermediate
 from ..graph.share_dequantized import ShareDequantized
 from ..graph.share_lora_input import ShareLoraInput
 from ..graph.transpose_into_gemm import TransposeIntoGemm
-from ..graph.upgrade_opset import UpgradeOpset
+from ..graph.upgrade_opset import UpgradeOpset, default_opset
 from ..bundle import EVAL_GRAPH, TRAINING_GRAPH
 
 if TYPE_CHECKING:
     from .artifacts import Quantization
 
 LOSS_GRAPH_STAGE = "loss_graph"
-INT4_OPSET = 21  # DequantizeLinear with int4 and block_size
+INT4_OPSET = 21  # DequantizeLinear with int4 and block_size (and int8 in blocks)
 
 
 def loss_graph_stage(trainable: set[str], quantization: Quantization | None, loss_chunks: int,
@@ -130,6 +131,21 @@ def quantization_targets(model, trainable: set[str], settings: Quantization) -> 
     return chosen
 
 
+def exact_targets(model, trainable: set[str], settings: Quantization) -> list[str]:
+    """Without --quantize-embeddings: the embedding tables (a tied LM head is the same tensor) whose values
+    are exactly int8 x a scale per 32 values (a GGUF's Q8_0 table), to be stored that way, losslessly
+    (QuantizeWeights' exact_names)."""
+    from onnx import numpy_helper
+
+    from ..quantize import quantize_int8_exact
+
+    if settings.embeddings:
+        return []
+    tables = set(embedding_weights(model)) - trainable
+    return [tensor.name for tensor in model.graph.initializer if tensor.name in tables
+            and quantize_int8_exact(numpy_helper.to_array(tensor), 1, EXACT_BLOCK_SIZE) is not None]
+
+
 class QuantizeChosenWeights(GraphPass):
     """QuantizeWeights on the frozen weights `settings` chooses, chosen when the pass runs (after the
     passes before it have rewritten the graph); keeps the quantizer (its tensors and per-layer errors)
@@ -148,6 +164,9 @@ class QuantizeChosenWeights(GraphPass):
     def call(self, model) -> PassResult:
         settings = self.settings
         self.frozen_bytes_before = float_initializer_bytes(model, self.trainable)
+        exact = exact_targets(model, self.trainable, settings)
+        if exact and default_opset(model) < INT4_OPSET:
+            UpgradeOpset(INT4_OPSET).call(model)  # int8 in blocks (an --quantize int8 bundle's exact table) needs opset 21 too
         self.quantizer = QuantizeWeights(quantization_targets(model, self.trainable, settings), settings.scheme,
-                                         settings.block_size, settings.symmetric, as_inputs=True)
+                                         settings.block_size, settings.symmetric, as_inputs=True, exact_names=exact)
         return self.quantizer.call(model)

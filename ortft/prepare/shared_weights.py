@@ -176,6 +176,7 @@ def _match(bundle_dir: Path, template_dir: Path, tensor, names: list[str], store
             transposed, error = min(errors.items(), key=lambda item: item[1])
             if error <= MAX_QUANTIZATION_ERROR:
                 int4 = any(stored[node.input[0]].data_type in (21, 22) for node in nodes)  # UINT4, INT4
+                int4 = int4 or any(attribute.name == "block_size" for node in nodes for attribute in node.attribute)  # opset 21 too
                 return {"kind": "quantized", "tensor": name, "transposed": transposed, "nodes": nodes, "int4": int4,
                         "tensors": [stored[input_name] for node in nodes for input_name in node.input if input_name]}
     return None

@@ -10,7 +10,8 @@ from ortft.commands.info import summary_lines
 from ortft.runtime import TrainingSession
 
 from helpers.bundles import prepare_tiny
-from helpers.reference import batch_for
+from helpers.quantized import q8_0_values
+from helpers.reference import batch_for, onnx_logits
 
 
 def _loss(outputs) -> float:
@@ -126,3 +127,85 @@ def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(ti
     assert quantized_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for options in seen:  # stock onnxruntime's defaults that cost memory in a training graph
         assert not options.enable_mem_pattern and options.get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def _with_q8_0_embeddings(model_dir, out):
+    """A copy of `model_dir` whose embedding table holds what a GGUF Q8_0 table dequantizes to."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    name = next(key for key in tensors if key.endswith("embed_tokens.weight"))
+    tensors[name] = q8_0_values(tensors[name].shape, axis=1)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _without_exact_embeddings(monkeypatch):
+    from ortft.prepare import graph_stages
+
+    monkeypatch.setattr(graph_stages, "exact_targets", lambda model, trainable, settings: [])
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_an_exactly_int8_embedding_table_is_stored_as_int8_and_trains_bit_for_bit(tiny_model_factory, tmp_path, monkeypatch, scheme):
+    """A tied table that is int8 x a per-32 scale (SmolLM2's GGUF) is stored as int8: the same losses and gradients."""
+    source = _with_q8_0_embeddings(tiny_model_factory("llama", tie_word_embeddings=True), tmp_path / "q8")
+    exact = prepare_tiny(source, tmp_path / "exact", quantize=scheme)
+    with monkeypatch.context() as patch:
+        _without_exact_embeddings(patch)
+        old = prepare_tiny(source, tmp_path / "old", quantize=scheme)
+    assert exact["quantization"]["opset"] == 21
+    table = next(name for name in old["frozen"] if name.endswith("embed_tokens.weight"))
+    section = exact["quantization"]
+    assert section["embeddings"] == "int8-exact" and old["quantization"]["embeddings"] is False
+    assert section["layers"][table]["scheme"] == "int8-exact" and section["layers"][table]["max_abs_error"] == 0.0
+    assert table not in exact["frozen"] and len(section["layers"]) == len(old["quantization"]["layers"]) + 1
+    table_bytes = section["layers"][table]["bytes_before"]
+    assert section["layers"][table]["bytes_after"] == table_bytes // 4 + table_bytes // 32  # int8 + a float32 per 32
+    weight_files = ("frozen_weights.data", "quantized_weights.data")  # the graphs: the opset 21 conversion (int8) adds a little
+    sizes = {name: sum(manifest["files"][file]["bytes"] for file in weight_files) for name, manifest in (("exact", exact), ("old", old))}
+    assert sizes["old"] - sizes["exact"] > 0.6 * table_bytes
+    training = onnx.load(str(tmp_path / "exact" / "training_model.onnx"), load_external_data=False).graph
+    blocked = [n for n in training.node if n.op_type == "DequantizeLinear" and table in n.name]
+    assert blocked and all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in blocked)
+
+    batch = batch_for(old)
+    sessions = [TrainingSession(tmp_path / name, threads=1) for name in ("old", "exact")]
+    assert _loss(sessions[1].evaluate(batch)) == _loss(sessions[0].evaluate(batch))
+    for _ in range(3):
+        losses = [_loss(session.train_step_forward_backward(batch)) for session in sessions]
+        assert abs(losses[1] - losses[0]) <= 1e-7
+        gradients = [session.gradients() for session in sessions]
+        assert gradients[0].keys() == gradients[1].keys()
+        for name, gradient in gradients[0].items():
+            np.testing.assert_allclose(gradients[1][name], gradient, rtol=0, atol=1e-7, err_msg=name)
+        for session in sessions:
+            session.optimizer_step(5e-3)
+    assert _loss(sessions[1].evaluate(batch)) == pytest.approx(_loss(sessions[0].evaluate(batch)), rel=0, abs=1e-7)
+
+    # The inference template (generate, exports) reads the same table: the same weights and logits.
+    from ortft.inference_template import InferenceTemplate
+
+    hf_names = list(old["inference"]["weights"])
+    weights = [InferenceTemplate(tmp_path / name, manifest).read_weights(hf_names) for name, manifest in (("old", old), ("exact", exact))]
+    for name in hf_names:
+        assert np.array_equal(weights[1][name], weights[0][name]), name
+    input_ids = batch["input_ids"][:1]
+    logits = [onnx_logits(tmp_path / name / "inference_model.onnx", input_ids, {"session.qdq_matmulnbits_accuracy_level": "1"})
+              for name in ("old", "exact")]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-6)
+
+
+def test_a_float_embedding_table_leaves_the_quantized_bundle_unchanged(tiny_model_factory, tmp_path, monkeypatch):
+    tied = tiny_model_factory("llama", tie_word_embeddings=True)
+    manifest = prepare_tiny(tied, tmp_path / "new", quantize="int4")
+    with monkeypatch.context() as patch:
+        _without_exact_embeddings(patch)
+        old = prepare_tiny(tied, tmp_path / "old", quantize="int4")
+    assert manifest["quantization"]["embeddings"] is False
+    assert any(name.endswith("embed_tokens.weight") for name in manifest["frozen"])
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == \
+        {name: entry["sha256"] for name, entry in old["files"].items()}
