@@ -383,7 +383,8 @@ def count_flops(dims: dict, rows: list[tuple[int, int]], adapter: dict, lm_head_
     only labelled positions (ortft's loss graph). Attention: QK^T and AV, 2*L*head_dim each per head and
     token forward (L = row length: the whole L x L matrix is computed), backward twice that.
     Adapters: for every adapted linear layer 6*r*(in+out) per token (forward, input gradient and weight
-    gradient of A and B).
+    gradient of A and B). `minimum`: what no implementation can skip: `total` with causal attention's
+    half of the L x L matrix ((L + 1) / 2L of it) instead of all of it.
     """
     shapes = linear_shapes(dims)
     adapted_layers = adapter["layers"]
@@ -401,8 +402,18 @@ def count_flops(dims: dict, rows: list[tuple[int, int]], adapter: dict, lm_head_
     adapters = tokens * len(adapted_layers) * 6 * rank * adapter_io
     lm_head = head_positions * 4 * dims["hidden"] * dims["vocab"]
     total = linear + attention + adapters + lm_head
+    causal_square = sum(length * (length + 1) / 2 for length, _ in rows)
+    minimum = total - attention + causal_square * 4 * attention_width * (dims["layers"] + 2 * backward_layers)
     return {"tokens": tokens, "lm_head_positions": head_positions, "linear": linear, "attention": attention,
-            "adapters": adapters, "lm_head": lm_head, "total": total, "per_token": total / max(tokens, 1)}
+            "adapters": adapters, "lm_head": lm_head, "total": total, "per_token": total / max(tokens, 1),
+            "minimum": minimum}
+
+
+def ceiling_speedup(ortft_flops: dict, torch_tokens_per_s: float, peak_gflops: float) -> float:
+    """PyTorch's time per token over the least time ortft could take: its `minimum` FLOPs per token (see
+    count_flops), all at the measured matmul peak. A target above this cannot be met on the host."""
+    least_seconds_per_token = ortft_flops["minimum"] / max(ortft_flops["tokens"], 1) / (peak_gflops * 1e9)
+    return (1.0 / torch_tokens_per_s) / least_seconds_per_token
 
 
 # ---- workers (fresh processes) -------------------------------------------------------------------
@@ -644,6 +655,9 @@ def run_case(name: str, args, peak: dict) -> dict:
     out["ortft_peak_fraction"] = out["ortft_tokens_per_s"] * flops["ortft"]["per_token"] / (peak_gflops * 1e9)
     out["torch_peak_fraction"] = out["torch_tokens_per_s"] * flops["torch"]["per_token"] / (peak_gflops * 1e9)
     out["speedup"] = out["ortft_tokens_per_s"] / out["torch_tokens_per_s"]
+    # The speed-up ortft would have if it did only the FLOPs no implementation can skip (its own LM-head
+    # positions, causal attention's half), every one at the matmul peak: what this host allows at most.
+    out["speedup_ceiling"] = ceiling_speedup(flops["ortft"], out["torch_tokens_per_s"], peak_gflops)
     out["speedup_spread"] = [min(o["tokens_per_s"] for o in runs["ortft"]) / max(t["tokens_per_s"] for t in runs["torch"]),
                              max(o["tokens_per_s"] for o in runs["ortft"]) / min(t["tokens_per_s"] for t in runs["torch"])]
     out["rss_ratio"] = out["ortft_peak_rss_mb"] / out["torch_peak_rss_mb"]
@@ -696,11 +710,13 @@ def case_label(result: dict) -> str:
 
 
 def table_row(result: dict) -> str:
-    return "| {} | {} | {} | {:.2f} | {} | {} | {:.2f} | {:.0%} |".format(
+    ceiling = result.get("speedup_ceiling")
+    return "| {} | {} | {} | {:.2f} | {} | {} | {} | {:.2f} | {:.0%} |".format(
         case_label(result),
         fmt_span(result["ortft_tokens_per_s"], result["ortft_tokens_per_s_spread"]),
         fmt_span(result["torch_tokens_per_s"], result["torch_tokens_per_s_spread"]),
         result["speedup"],
+        f"{ceiling:.2f}" if ceiling else "",
         fmt_span(result["ortft_peak_rss_mb"], result["ortft_peak_rss_mb_spread"]) + " MB",
         fmt_span(result["torch_peak_rss_mb"], result["torch_peak_rss_mb_spread"]) + " MB",
         result["rss_ratio"],
@@ -708,8 +724,17 @@ def table_row(result: dict) -> str:
     )
 
 
-TABLE_HEAD = ("| case | ortft tok/s | torch tok/s | speedup | ortft RSS | torch RSS | RSS ratio | peak fraction |\n"
-              "|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = ("| case | ortft tok/s | torch tok/s | speedup | ceiling | ortft RSS | torch RSS | RSS ratio | peak fraction |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+
+
+def with_ceiling_cell(row: str) -> str:
+    """A table row written before the ceiling column existed gets an empty cell there."""
+    cells = row.split("|")
+    columns = TABLE_HEAD.splitlines()[0].count("|") - 1
+    if len(cells) - 2 == columns - 1:
+        cells.insert(5, " ")
+    return "|".join(cells)
 
 
 def machine_line(meta: dict) -> str:
@@ -729,7 +754,7 @@ def markdown_section(meta: dict, results: list[dict], old_section: str | None) -
             if line.startswith("| ") and not line.startswith("| case "):
                 case = line.split("|")[1].split()[0]
                 if case not in rows:
-                    rows[case] = line
+                    rows[case] = with_ceiling_cell(line)
                     kept.append(case)
     order = list(CASES)
     body = "\n".join(rows[c] for c in sorted(rows, key=lambda c: order.index(c) if c in order else len(order)))
@@ -779,7 +804,8 @@ def print_case(result: dict) -> None:
     print(f"    per token: linear {b['linear'] / b['tokens'] / 1e9:.4f}, LM head {b['lm_head'] / b['tokens'] / 1e9:.4f}, "
           f"attention {b['attention'] / b['tokens'] / 1e9:.4f}, adapters {b['adapters'] / b['tokens'] / 1e9:.4f} GFLOP")
     print(f"  ortft at {result['ortft_peak_fraction']:.1%} of the {result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak "
-          f"(torch {result['torch_peak_fraction']:.1%})")
+          f"(torch {result['torch_peak_fraction']:.1%}); ceiling {result['speedup_ceiling']:.2f}x: ortft's speed-up if it "
+          f"ran only the FLOPs no implementation can skip, all at that peak")
     if "loss_max_rel_diff" in result:
         print(f"  losses: first step ortft {result['ortft_losses'][0]:.5f} torch {result['torch_losses'][0]:.5f}; "
               f"max relative difference over {len(result['ortft_losses'])} steps {result['loss_max_rel_diff']:.2e}")

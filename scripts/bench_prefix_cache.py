@@ -129,6 +129,38 @@ def steady_state(bundle: Path, data: Path, batch_count: int, rounds: int, thread
             "max_relative_loss_difference": worst}
 
 
+def flop_bound(bundle: Path, data: Path) -> dict:
+    """The most the cache can give on this data: a step's FLOPs without the cache over its FLOPs with it
+    (the frozen layers' forward skipped), counted as scripts/bench.py counts them (`minimum`: the LM head
+    at labelled positions, causal attention's half), over the batches of 4 `ortft train` makes. A target
+    above this ratio cannot be met by caching the prefix, however fast the rest runs."""
+    import importlib.util
+
+    from ortft.data import BatchIterator, DataConfig, load_dataset
+    from ortft.manifest import read_manifest
+    from ortft.tokenizer import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location("ortft_bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    manifest = read_manifest(bundle)
+    config = DataConfig(seq_len=512, batch_size=4, seed=0)
+    dataset = load_dataset(data, load_tokenizer(bundle / manifest["tokenizer"]["dir"]), config)
+    rows = [row for batch in BatchIterator(dataset, config).epoch_batches(0) for row in bench.batch_rows(batch.inputs)]
+    dims = bench.model_dims(bundle / "inference")  # the Hugging Face config.json of the bundle's inference export
+    adapter = manifest["adapter"]
+    layers = adapter.get("layers_to_transform") or list(range(dims["layers"]))
+    flops = bench.count_flops(dims, rows, {"layers": layers, "rank": adapter["rank"], "targets": adapter["targets"]},
+                              lm_head_at_labels=True)
+    frozen = min(layers)
+    per_layer_io = sum(i * o for i, o in bench.linear_shapes(dims).values())
+    causal_square = sum(length * (length + 1) / 2 for length, _ in rows)
+    prefix = frozen * (sum(length for length, _ in rows) * 2 * per_layer_io
+                       + causal_square * 4 * dims["heads"] * dims["head_dim"])
+    return {"rows": len(rows), "tokens": flops["tokens"], "step_gflop": flops["minimum"] / 1e9,
+            "prefix_gflop": prefix / 1e9, "frozen_layers": frozen, "bound": flops["minimum"] / (flops["minimum"] - prefix)}
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -194,6 +226,11 @@ def main() -> None:
     print(f"epochs 2-3: {speedup:.2f}x the tokens/s; cache {cache_mb:.1f} MB ({cache.get('rows')} rows); "
           f"peak RSS {table['cached']['peak_rss_mb'] - table['uncached']['peak_rss_mb']:+.0f} MB; "
           f"losses within {worst:.2e} relative over {cached[0]['steps']} steps")
+    bound = flop_bound(bundle, data)
+    report["flop_bound"] = bound
+    print(f"FLOP bound: {bound['bound']:.2f}x (the {bound['frozen_layers']} frozen layers' forward is "
+          f"{bound['prefix_gflop']:.0f} of {bound['step_gflop']:.0f} GFLOP over these {bound['rows']} rows); "
+          f"measured {speedup:.2f}x = {speedup / bound['bound']:.0%} of it")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

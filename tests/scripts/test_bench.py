@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 KEYS = (
     "case", "ortft_tokens_per_s", "torch_tokens_per_s", "ortft_peak_rss_mb", "torch_peak_rss_mb",
-    "matmul_peak_gflops", "ortft_peak_fraction", "speedup", "rss_ratio", "ortft_first_step_s",
+    "matmul_peak_gflops", "ortft_peak_fraction", "speedup", "speedup_ceiling", "rss_ratio", "ortft_first_step_s",
     "torch_first_step_s", "flops_per_token", "ortft_tokens_per_s_spread", "torch_tokens_per_s_spread",
     "settings", "date", "cpu_model", "cores", "versions",
 )
@@ -81,3 +81,25 @@ def test_a_cached_bundle_made_by_other_graph_code_is_stale(tmp_path, monkeypatch
     bench.code_stamp(bundle).write_text(bench.bundle_code_hash())
     config.loss_chunk_rows = 7  # other prepare settings
     assert not bench.bundle_matches(bundle, config)
+
+
+def test_the_ceiling_counts_causal_attention_once_and_every_flop_at_the_peak():
+    bench = _load_bench()
+    dims = {"hidden": 8, "intermediate": 16, "layers": 2, "heads": 2, "kv_heads": 1, "head_dim": 4, "vocab": 32}
+    adapter = {"layers": [0, 1], "rank": 2, "targets": ["q_proj", "v_proj"]}
+    flops = bench.count_flops(dims, [(10, 9)], adapter, lm_head_at_labels=True)
+    full_attention = 10 * 10 * 4 * 8 * (2 + 2 * 2)
+    assert flops["attention"] == full_attention
+    assert flops["minimum"] == flops["total"] - full_attention + full_attention * 55 / 100  # 10 * 11 / 2 of 100
+    # PyTorch at 1 token/s against a peak that does the minimum in 0.25 s: ortft could be at most 4x faster.
+    peak_gflops = flops["minimum"] / 10 / 0.25 / 1e9
+    assert abs(bench.ceiling_speedup(flops, 1.0, peak_gflops) - 4.0) < 1e-9
+
+
+def test_rows_written_before_the_ceiling_column_get_an_empty_cell():
+    bench = _load_bench()
+    old = "| smollm2-raw | 216 | 221 | 0.98 | 1695 MB | 3958 MB | 0.43 | 61% |"
+    row = bench.with_ceiling_cell(old)
+    assert row.count("|") == bench.TABLE_HEAD.splitlines()[0].count("|")
+    assert row.split("|")[4].strip() == "0.98" and row.split("|")[5].strip() == ""
+    assert bench.with_ceiling_cell(row) == row
