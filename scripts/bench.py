@@ -603,15 +603,16 @@ WORKERS = {"prepare": worker_prepare, "peak": worker_peak, "runtime": worker_run
 
 
 def run_worker(kind: str, spec: dict, threads: int, timeout: float | None = 3600, python: str | None = None) -> dict:
-    """Run this script as `--worker KIND` in a fresh process (of `python`, default this interpreter, with
-    this tree first on its path) and return what it reported."""
+    """Run this script as `--worker KIND` in a fresh process (of `python`, with this tree first on its
+    PYTHONPATH; default this interpreter) and return what it reported."""
     with tempfile.TemporaryDirectory(prefix="ortft-bench-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         env = dict(os.environ)
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(threads)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if python:  # another venv's interpreter may have another ortft installed: this tree's goes first
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         spec = dict(spec, threads=threads)
         command = [python or sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path),
                    "--result", str(result_path)]
