@@ -25,9 +25,9 @@ CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 AUTO = "auto"
 # `--provider auto`: the first of these that this onnxruntime build has. GPUs first; OpenVINO on its CPU
-# device beat ORT 1.19's CPU kernels on fp32 MatMul (209 against 160 GFLOP/s on a Zen 4 host), but the
-# measured SmolLM2 training step was no faster than ORT 1.32's CPU provider (4.5 s against 3.9-4.9 s) at
-# 12.7 GB peak RSS against 2.0 GB (docs/benchmarks.md), so it is not in the list.
+# device trains SmolLM2 ~9% faster than ORT 1.32's CPU provider (231 against 211 tokens/s on a Zen 4 host)
+# but at 12.7 GB peak RSS against 1.7 GB (docs/benchmarks.md): too much for an edge device, so it is not
+# in the list (`--provider openvino` asks for it).
 AUTO_ORDER = ("cuda", "cpu")
 # Python packages may add providers without editing ortft: an entry point in this group names a
 # callable that takes no arguments and calls `register_provider(...)`.
