@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers.paths import packaged_model_dir
+from helpers.quantized import with_q8_0_embeddings
 from ortft.prepare.tiny import save_tiny_model
 
 
@@ -31,6 +32,12 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def q8_0_llama(tiny_model_factory, tmp_path_factory) -> Path:
+    """A tied tiny Llama whose embedding table holds a GGUF Q8_0 table's values (prepare --quantize: "int8-exact")."""
+    return with_q8_0_embeddings(tiny_model_factory("llama", tie_word_embeddings=True), tmp_path_factory.mktemp("q8_0-llama") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ def quantization_lines(section: dict | None) -> list[str]:
     lines = [
         f"quantized    {section['scheme']}{block} {'symmetric' if section['symmetric'] else 'asymmetric'}, "
         f"{len(section['layers'])} weights, {section.get('recomputed_for_backward', 0)} recomputed for backward",
+        f"embeddings   {embeddings_storage(section)}",
         f"frozen bytes {_size(before)} -> {_size(after)} ({after / max(before, 1):.2f}x)",
         f"quant error  max relative {section['max_rel_error']:.4f}, mean relative RMS {section['mean_rel_rms_error']:.4f}",
     ]
@@ -64,6 +65,23 @@ def quantization_lines(section: dict | None) -> list[str]:
         lines.append(f"  {name:64s} {_size(layer['bytes_before']):>9s} -> {_size(layer['bytes_after']):>9s}"
                      f"  max rel {layer['max_rel_error']:.4f}  rms {layer['rel_rms_error']:.4f}")
     return lines
+
+
+def embeddings_storage(section: dict) -> str:
+    """How a quantized bundle stores its embedding table (and a tied LM head), from `quantization.embeddings`:
+    true (--quantize-embeddings), "int8-exact" (a GGUF's Q8_0 table kept losslessly) or false (float32)."""
+    embeddings = section.get("embeddings", False)
+    if embeddings == "int8-exact":
+        tables = [layer for layer in section["layers"].values() if layer.get("scheme") == "int8-exact"]
+        if not tables:
+            raise ValueError("quantization.embeddings is \"int8-exact\" but no layer has that scheme")
+        return f"int8, exact (the GGUF's Q8_0 table, {tables[0]['block_size']} values per scale)"
+    if embeddings is True:
+        block = f" block {section['block_size']}" if section.get("block_size") else ""
+        return f"{section['scheme']}{block}, quantized with the linear weights (--quantize-embeddings; also the LM head)"
+    if embeddings is False:
+        return "float32"
+    raise ValueError(f"quantization.embeddings is {embeddings!r}, not true, false or \"int8-exact\"")
 
 
 def _layer_span(layers: list[int], total: int) -> str:

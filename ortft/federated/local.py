@@ -35,9 +35,11 @@ MARKER = "ORTFT_FEDERATION"
 ROLE = "ORTFT_FEDERATION_ROLE"
 
 
-def marked_processes(marker: str, role: str | None = None) -> list[int]:
-    """PIDs whose environment holds MARKER=marker (and ROLE=role if given); Linux /proc only."""
-    wanted = f"{MARKER}={marker}".encode()
+def marked_processes(marker: str | None, role: str | None = None) -> list[int]:
+    """PIDs whose environment holds MARKER=marker (any marker if None: every local federation's) and ROLE=role
+    if given; Linux /proc only."""
+    prefix = f"{MARKER}=".encode()
+    wanted = prefix + marker.encode() if marker is not None else None
     wanted_role = f"{ROLE}={role}".encode() if role else None
     found = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
@@ -47,7 +49,8 @@ def marked_processes(marker: str, role: str | None = None) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if wanted in environ and (wanted_role is None or wanted_role in environ):
+        marked = wanted in environ if wanted is not None else any(item.startswith(prefix) for item in environ)
+        if marked and (wanted_role is None or wanted_role in environ):
             found.append(int(entry.name))
     return found
 

@@ -96,3 +96,24 @@ def test_federated_run_exports_like_a_training_run(federated_run, tmp_path):
     loss = json.loads(result.stdout)["loss"]
     last = next(r for r in federated_run["records"] if r["round"] == ROUNDS)
     assert loss == pytest.approx(last["eval_loss_per_client"]["math"]["eval_loss"], rel=1e-4)
+
+
+def test_marked_processes_finds_a_federation_by_marker_and_role():
+    """The /proc scan behind `stop_marked` (and the tests' federation_pids): a given marker, or any (None); a role."""
+    import os
+    import subprocess
+    import sys
+
+    from ortft.federated.local import MARKER, ROLE, marked_processes
+
+    env = dict(os.environ, **{MARKER: "test-marker", ROLE: "supernode-a"})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        assert child.pid in marked_processes("test-marker") and child.pid in marked_processes(None)
+        assert child.pid in marked_processes("test-marker", "supernode-a") and child.pid in federation_pids("supernode-a")
+        assert child.pid in federation_pids()
+        assert child.pid not in marked_processes("another-marker") and child.pid not in marked_processes(None, "superlink")
+        assert child.pid not in federation_pids("supernode-b")
+    finally:
+        child.kill()
+        child.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -49,18 +48,9 @@ def federation_pids(role: str | None = None) -> list[int]:
     """PIDs of every process started for a local federation (they carry ORTFT_FEDERATION in their environment);
     with `role`, only those of that part (ORTFT_FEDERATION_ROLE: superlink, supernode-NAME, flwr-run), which
     includes the helpers and apps that part started (the SuperLink's superexec and ServerApp, ...)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(item.startswith(b"ORTFT_FEDERATION=") for item in environ) and (
-                role is None or f"ORTFT_FEDERATION_ROLE={role}".encode() in environ):
-            found.append(int(entry.name))
-    return found
+    from ortft.federated.local import marked_processes
+
+    return marked_processes(None, role)
 
 
 def wait_for(condition, timeout: float, what: str, process=None, period: float = 0.3) -> float:

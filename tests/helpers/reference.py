@@ -47,15 +47,18 @@ def randomize_adapters(session, manifest: dict, seed: int = 2) -> dict[str, np.n
     return values
 
 
-def torch_peft_model(manifest: dict, model_dir: Path, adapter_values: dict[str, np.ndarray] | None):
-    """The same model in PyTorch + PEFT, with the adapter tensors set to `adapter_values`."""
+def torch_peft_model(manifest: dict, model_dir: Path, adapter_values: dict[str, np.ndarray] | None, base_model=None):
+    """The same model in PyTorch + PEFT, with the adapter tensors set to `adapter_values` (on `base_model`, a
+    causal LM, when given, e.g. `template_base_model`'s)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     adapter = manifest["adapter"]
     torch.manual_seed(manifest["prepare"]["config"]["seed"])
-    if manifest["task"] == "causal-lm":
+    if base_model is not None:
+        model = base_model
+    elif manifest["task"] == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
     elif manifest["task"] == "token-cls":
         model = AutoModelForTokenClassification.from_pretrained(
@@ -79,6 +82,32 @@ def torch_peft_model(manifest: dict, model_dir: Path, adapter_values: dict[str, 
                 params[name].copy_(torch.from_numpy(value))
     peft_model.eval()
     return peft_model
+
+
+def template_base_model(manifest: dict, model_dir: Path, bundle_dir: Path):
+    """The causal LM of `model_dir` in PyTorch, no adapters, holding the base weights the bundle's inference
+    template holds (a QLoRA bundle's: dequantized, the base its adapters were trained against)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ortft.inference_template import InferenceTemplate
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
+    template = InferenceTemplate(bundle_dir, manifest)
+    with torch.no_grad():
+        for hf_name in template.parameters():
+            model.get_parameter(hf_name).copy_(torch.from_numpy(np.array(template.read_parameter(hf_name), dtype=np.float32)))
+    return model.eval()
+
+
+def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean cross-entropy a causal LM's graph computes: position t predicts labels[t + 1]; -100 is ignored."""
+    shifted_logits, shifted_labels = logits[:, :-1].astype(np.float64), labels[:, 1:]
+    counted = shifted_labels != -100
+    top = shifted_logits.max(-1, keepdims=True)
+    log_norm = np.log(np.exp(shifted_logits - top).sum(-1)) + top[..., 0]
+    chosen = np.take_along_axis(shifted_logits, np.where(counted, shifted_labels, 0)[..., None], -1)[..., 0]
+    return float(((log_norm - chosen) * counted).sum() / counted.sum())
 
 
 def torch_loss(peft_model, batch: dict) -> float:
@@ -107,18 +136,26 @@ def assert_trains_alike(sessions: list, batch: dict, steps: int = 3, rel: float 
 
 def onnx_logits(model_path: Path, input_ids: np.ndarray, session_config: dict[str, str] | None = None) -> np.ndarray:
     """Full-sequence logits of an exported KV-cache model, with an empty cache."""
+    session = _session(model_path, session_config)
+    return session.run(["logits"], _empty_cache_feeds(session, input_ids))[0]
+
+
+def _session(model_path: Path, session_config: dict[str, str] | None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     for key, value in (session_config or {}).items():
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def _empty_cache_feeds(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
              "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
     for value in session.get_inputs():
         if value.name.startswith("past_key_values."):
             feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
-    return session.run(["logits"], feeds)[0]
+    return feeds
 
 
 def torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
@@ -128,18 +165,13 @@ def torch_logits(model, input_ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(input_ids)).logits.numpy()
 
 
-def onnx_adapter_logits(folder, name, input_ids):
+def onnx_adapter_logits(folder, name, input_ids, session_config: dict[str, str] | None = None):
     """Logits with onnxruntime's own adapter API (RunOptions.add_active_adapter)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = _session(folder / "model.onnx", session_config)
     adapter = ort.LoraAdapter()
     adapter.Load(str(folder / "adapters" / f"{name}.onnx_adapter"))
     options = ort.RunOptions()
     options.add_active_adapter(adapter)
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-             "position_ids": np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).astype(np.int64)}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((input_ids.shape[0], value.shape[1], 0, value.shape[3]), np.float32)
-    return session.run(["logits"], feeds, options)[0]
+    return session.run(["logits"], _empty_cache_feeds(session, input_ids), options)[0]

@@ -10,7 +10,7 @@ from ortft.commands.info import summary_lines
 from ortft.runtime import TrainingSession
 
 from helpers.bundles import prepare_tiny
-from helpers.quantized import q8_0_values
+from helpers.quantized import with_q8_0_embeddings
 from helpers.reference import batch_for, onnx_logits
 
 
@@ -129,20 +129,6 @@ def test_quantized_bundles_run_at_level_1_without_arena_float_bundles_with_it(ti
         assert not options.enable_mem_pattern and options.get_session_config_entry("session.disable_prepacking") == "1"
 
 
-def _with_q8_0_embeddings(model_dir, out):
-    """A copy of `model_dir` whose embedding table holds what a GGUF Q8_0 table dequantizes to."""
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(model_dir, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    name = next(key for key in tensors if key.endswith("embed_tokens.weight"))
-    tensors[name] = q8_0_values(tensors[name].shape, axis=1)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 def _without_exact_embeddings(monkeypatch):
     from ortft.prepare import graph_stages
 
@@ -152,7 +138,7 @@ def _without_exact_embeddings(monkeypatch):
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_an_exactly_int8_embedding_table_is_stored_as_int8_and_trains_bit_for_bit(tiny_model_factory, tmp_path, monkeypatch, scheme):
     """A tied table that is int8 x a per-32 scale (SmolLM2's GGUF) is stored as int8: the same losses and gradients."""
-    source = _with_q8_0_embeddings(tiny_model_factory("llama", tie_word_embeddings=True), tmp_path / "q8")
+    source = with_q8_0_embeddings(tiny_model_factory("llama", tie_word_embeddings=True), tmp_path / "q8")
     exact = prepare_tiny(source, tmp_path / "exact", quantize=scheme)
     with monkeypatch.context() as patch:
         _without_exact_embeddings(patch)

@@ -15,12 +15,12 @@ from helpers.reference import onnx_logits
 from ortft.export import export_merged_onnx
 from ortft.export_adapter_onnx import export_onnx_adapter
 from ortft.export_gguf import export_gguf
-from ortft.inference_template import DEQUANTIZE_SESSION_CONFIG, InferenceTemplate
+from ortft.inference_template import DEQUANTIZE_SESSION_CONFIG
 from ortft.manifest import load_verified
 from ortft.bundle import FROZEN_DATA, QUANTIZED_DATA
 
 from helpers.bundles import prepare_tiny
-from helpers.reference import torch_peft_model
+from helpers.reference import template_base_model, torch_peft_model
 
 
 def _input_ids(seed: int = 0) -> np.ndarray:
@@ -35,17 +35,7 @@ def _adapter(manifest: dict, seed: int = 3) -> dict[str, np.ndarray]:
 
 def _torch_on_template_base(manifest: dict, model_dir, bundle_dir, adapter=None):
     """PyTorch + PEFT with the base weights the template holds (for QLoRA bundles: dequantized)."""
-    import torch
-
-    model = torch_peft_model(manifest, model_dir, adapter)
-    params = dict(model.named_parameters())
-    adapted = {entry["base_weight"] for entry in manifest["trainable"]}
-    template = InferenceTemplate(bundle_dir, manifest)
-    with torch.no_grad():
-        for hf_name in template.parameters():
-            name = "base_model.model." + (hf_name.removesuffix(".weight") + ".base_layer.weight" if hf_name in adapted else hf_name)
-            params[name].copy_(torch.from_numpy(np.array(template.read_parameter(hf_name), dtype=np.float32)))
-    return model
+    return torch_peft_model(manifest, model_dir, adapter, base_model=template_base_model(manifest, model_dir, bundle_dir))
 
 
 def _torch_logits(model, input_ids):
