@@ -11,8 +11,9 @@ generated training and eval graphs, by standard ONNX:
   never multiplied (causality by block position), lo > 0 only with a sliding window. Inside, scores,
   the causal/padding/window mask and the softmax exist for that chunk only ([batch, heads, R, keys]);
   the mask is made from row and column indices (Range) and the [batch, seq] padding mask, never as a
-  [seq, seq] tensor. The query heads that share a key head are folded into the row axis, so keys and
-  values are read as they are (no repeat_kv copies).
+  [seq, seq] tensor. The query heads that share a key head are a batch axis of their own against keys
+  and values broadcast along it ([b, kv_heads, groups, rows, d] x [b, kv_heads, 1, d, keys]), so keys
+  and values are read as they are (no repeat_kv copies) and the products have b * heads batch items.
 - Backward: a second `Loop` over the same chunks recomputes each chunk's probabilities and gives
   dV += P^T dO, dP = dO V^T, dS = P * (dP - D) with D = rowsum(dO * O), dQ = scale * dS K and
   dK += dS^T (scale * Q): the flash-attention backward, with row blocks. What the forward pass keeps
@@ -165,7 +166,7 @@ class _Layout:
         return e.op("Reshape", [padded, shape], "chunked")
 
     def unchunked(self, e: _Emitter, stacked: str, seq_axis: int) -> str:
-        """Loop scan output [chunks, b, kv_heads, groups * rows, d] -> [b, seq, heads, d] (seq_axis 1) or
+        """Loop scan output [chunks, b, kv_heads, groups, rows, d] -> [b, seq, heads, d] (seq_axis 1) or
         [b, heads, seq, d] (seq_axis 2), the appended rows dropped."""
         six = e.op("Reshape", [stacked, e.concat([self.chunks, self.batch, e.ints(-1, self.groups), self.rows,
                                                     self.head_dim])], "stacked")
@@ -189,11 +190,13 @@ def _chunk_probabilities(b: _Emitter, layout: _Layout, index: str) -> dict:
     else:
         low = b.const(0)
     low_1, end_1 = b.vector(low), b.vector(end)
+    # Queries keep their groups as a batch axis and keys/values get a broadcast one: [b, kv, groups, rows, d]
+    # against [b, kv, 1, keys, d]. The products then have b * kv * groups batch items, not b * kv: with 3
+    # key heads (SmolLM2) and 2 threads, 3 items ran at 67% of the work split's speed (docs/findings.md).
     query = b.op("Gather", [layout.query_chunks, index], "query", axis=3)  # [b, kv, groups, rows, d]
-    query = b.op("Reshape", [query, b.concat([b.ints(0, 0, -1), layout.head_dim])], "grouped_query")
-    key = b.slice(layout.key, low_1, end_1, 2)
-    value = b.slice(layout.value, low_1, end_1, 2)
-    scores = b.op("MatMul", [query, b.transpose(key, [0, 1, 3, 2])], "scores")  # [b, kv, groups * rows, keys]
+    key = b.unsqueeze(b.slice(layout.key, low_1, end_1, 2), [2])  # [b, kv, 1, keys, d]
+    value = b.unsqueeze(b.slice(layout.value, low_1, end_1, 2), [2])
+    scores = b.op("MatMul", [query, b.transpose(key, [0, 1, 2, 4, 3])], "scores")  # [b, kv, groups, rows, keys]
     rows = b.unsqueeze(b.op("Range", [start, stop, b.const(1)], "row_index"), [1])  # [rows, 1]
     columns = b.op("Range", [low, end, b.const(1)], "column_index")  # [keys]
     allowed = b.less_or_equal(columns, rows)  # [rows, keys]
@@ -202,9 +205,8 @@ def _chunk_probabilities(b: _Emitter, layout: _Layout, index: str) -> dict:
     padding = b.unsqueeze(b.slice(layout.key_allowed, low_1, end_1, 1), [1])  # [b, 1, keys]
     allowed = b.op("And", [allowed, padding], "allowed")  # [b, rows, keys]
     bias = b.op("Where", [allowed, b.const(0.0, "float32"), b.const(FLOAT32_LOWEST, "float32")], "bias")
-    scores_5d = b.op("Reshape", [scores, b.concat([b.ints(0, 0, layout.groups), layout.rows, b.ints(-1)])], "scores_5d")
-    masked = b.op("Add", [scores_5d, b.unsqueeze(bias, [1, 2])], "masked")
-    probabilities = b.op("Reshape", [b.op("Softmax", [masked], "softmax", axis=-1), b.op("Shape", [scores])], "probs")
+    masked = b.op("Add", [scores, b.unsqueeze(bias, [1, 2])], "masked")
+    probabilities = b.op("Softmax", [masked], "softmax", axis=-1)  # [b, kv, groups, rows, keys]
     return {"query": query, "key": key, "value": value, "probabilities": probabilities, "low": low_1, "end": end_1}
 
 
@@ -232,7 +234,7 @@ def emit_forward(e: _Emitter, layout: _Layout, output: str) -> None:
     keep_going = body.op("Identity", [condition], "keep_going")
     graph = _loop_graph(f"{e.prefix}/forward_body", body.nodes,
                         [_value(index, TensorProto.INT64, 0), _value(condition, TensorProto.BOOL, 0)],
-                        [_value(keep_going, TensorProto.BOOL, 0), _value(chunk_output, TensorProto.FLOAT)])
+                        [_value(keep_going, TensorProto.BOOL, 0), _value(chunk_output, TensorProto.FLOAT, 5)])
     stacked = e.name("forward_chunks")
     e.nodes.append(helper.make_node("Loop", [layout.chunks_scalar, ""], [stacked], name=stacked, body=graph))
     e.op("Identity", [layout.unchunked(e, stacked, 1)], out=output)
@@ -252,22 +254,27 @@ def emit_backward(e: _Emitter, layout: _Layout, output_grad: str, output: str, w
     chunk = _chunk_probabilities(body, layout, index)
     probabilities = chunk["probabilities"]
 
-    def rows_of(chunks: str, last: str) -> str:
-        gathered = body.op("Gather", [chunks, index], "rows_of", axis=3)
-        return body.op("Reshape", [gathered, body.concat([body.ints(0, 0, -1), last])], "grouped")
+    def rows_of(chunks: str) -> str:
+        return body.op("Gather", [chunks, index], "rows_of", axis=3)  # [b, kv, groups, rows, x]
 
-    grad = rows_of(grad_chunks, layout.head_dim)  # dO, [b, kv, groups * rows, d]
+    def summed_over_groups(per_group: str, suffix: str) -> str:
+        return body.op("ReduceSum", [per_group, body.ints(2)], suffix, keepdims=0) if body.opset >= 13 \
+            else body.op("ReduceSum", [per_group], suffix, axes=[2], keepdims=0)
+
+    grad = rows_of(grad_chunks)  # dO, [b, kv, groups, rows, d]
     carried_out = {}
-    if "value" in wanted:
-        carried_out["value"] = body.op("MatMul", [body.transpose(probabilities, [0, 1, 3, 2]), grad], "value_grad")
-    grad_probabilities = body.op("MatMul", [grad, body.transpose(chunk["value"], [0, 1, 3, 2])], "probs_grad")
-    grad_scores = body.op("Mul", [probabilities, body.op("Sub", [grad_probabilities, rows_of(rowsum_chunks, body.ints(1))])],
+    if "value" in wanted:  # [b, kv, groups, keys, d], then the groups' sum: [b, kv, keys, d]
+        per_group = body.op("MatMul", [body.transpose(probabilities, [0, 1, 2, 4, 3]), grad], "value_grad_per_group")
+        carried_out["value"] = summed_over_groups(per_group, "value_grad")
+    grad_probabilities = body.op("MatMul", [grad, body.transpose(chunk["value"], [0, 1, 2, 4, 3])], "probs_grad")
+    grad_scores = body.op("Mul", [probabilities, body.op("Sub", [grad_probabilities, rows_of(rowsum_chunks)])],
                           "scores_grad")
     outputs = []
     if "query" in wanted:
-        outputs.append(body.op("MatMul", [grad_scores, chunk["key"]], "query_grad"))
+        outputs.append(body.op("MatMul", [grad_scores, chunk["key"]], "query_grad"))  # [b, kv, groups, rows, d]
     if "key" in wanted:
-        carried_out["key"] = body.op("MatMul", [body.transpose(grad_scores, [0, 1, 3, 2]), chunk["query"]], "key_grad")
+        per_group = body.op("MatMul", [body.transpose(grad_scores, [0, 1, 2, 4, 3]), chunk["query"]], "key_grad_per_group")
+        carried_out["key"] = summed_over_groups(per_group, "key_grad")
     after = body.op("Sub", [layout.seq, chunk["end"]], "after")
     for name in carried:
         placed = body.pad_axis(carried_out[name], 4, 2, chunk["low"], after)
@@ -278,7 +285,7 @@ def emit_backward(e: _Emitter, layout: _Layout, output_grad: str, output: str, w
         [_value(index, TensorProto.INT64, 0), _value(condition, TensorProto.BOOL, 0)]
         + [_value(carried_in[name], TensorProto.FLOAT) for name in carried],
         [_value(keep_going, TensorProto.BOOL, 0)] + [_value(carried_out[name], TensorProto.FLOAT) for name in carried]
-        + [_value(name, TensorProto.FLOAT) for name in outputs])
+        + [_value(name, TensorProto.FLOAT, 5) for name in outputs])
     zeros = {name: e.op("ConstantOfShape", [e.op("Shape", [getattr(layout, name)])], f"{name}_grad_zero",
                         value=_float_tensor(0.0)) for name in carried}
     results = [e.name(f"{name}_grad") for name in carried] + [e.name("query_grad_chunks")] * bool(outputs)

@@ -221,3 +221,23 @@ def test_no_seq_by_seq_tensor_is_made(tmp_path):
     """)
     grown_mb = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown_mb < 400, f"running attention over 8192 rows grew peak RSS by {grown_mb:.0f} MB"
+
+
+def test_the_products_keep_query_groups_as_a_batch_axis():
+    """Queries sharing a key head are a batch axis of their own (keys and values broadcast along it), so
+    a chunk's products have batch x heads items, not batch x key heads: 3 key heads on 2 threads split
+    unevenly. The key and value gradients are summed over that axis afterwards."""
+    model = replaced(placeholder_model(heads=6, kv_heads=2, head_dim=4, scaling=0.5), chunk_rows=3)
+    bodies = {node.name: next(attribute.g for attribute in node.attribute if attribute.name == "body")
+              for node in model.graph.node if node.op_type == "Loop"}
+    assert len(bodies) == 2
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for body in (attribute.g for node in inferred.graph.node if node.op_type == "Loop" for attribute in node.attribute):
+        ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in list(body.value_info) + list(body.output)
+                 if value.type.tensor_type.HasField("shape")}
+        products = [node for node in body.node if node.op_type == "MatMul"]
+        assert products and all(ranks.get(node.output[0]) == 5 for node in products), \
+            [(node.name, ranks.get(node.output[0])) for node in products]
+    backward = next(body for name, body in bodies.items() if "Grad" in name)
+    sums = [node for node in backward.node if node.op_type == "ReduceSum"]
+    assert {node.output[0].rsplit("/", 1)[-1].rsplit("_", 1)[0] for node in sums} == {"key_grad", "value_grad"}
