@@ -419,11 +419,23 @@ def count_flops(dims: dict, rows: list[tuple[int, int]], adapter: dict, lm_head_
     adapters = tokens * len(adapted_layers) * 6 * rank * adapter_io
     lm_head = head_positions * 4 * dims["hidden"] * dims["vocab"]
     total = linear + attention + adapters + lm_head
-    causal_square = sum(length * (length + 1) / 2 for length, _ in rows)
-    minimum = total - attention + causal_square * 4 * attention_width * (dims["layers"] + 2 * backward_layers)
+    minimum = total - attention + causal_attention_flops(dims, rows) * (dims["layers"] + 2 * backward_layers)
     return {"tokens": tokens, "lm_head_positions": head_positions, "linear": linear, "attention": attention,
             "adapters": adapters, "lm_head": lm_head, "total": total, "per_token": total / max(tokens, 1),
             "minimum": minimum}
+
+
+def causal_attention_flops(dims: dict, rows: list[tuple[int, int]]) -> float:
+    """One layer's QK^T and AV over `rows` forward, causal: the (L + 1) / 2L of the L x L matrix no
+    implementation can skip."""
+    causal_square = sum(length * (length + 1) / 2 for length, _ in rows)
+    return causal_square * 4 * dims["heads"] * dims["head_dim"]
+
+
+def layer_forward_flops(dims: dict, rows: list[tuple[int, int]]) -> float:
+    """One transformer layer's forward over `rows`: its linear products and causal attention."""
+    per_layer_io = sum(i * o for i, o in linear_shapes(dims).values())
+    return sum(length for length, _ in rows) * 2 * per_layer_io + causal_attention_flops(dims, rows)
 
 
 def ceiling_speedup(ortft_flops: dict, torch_tokens_per_s: float, peak_gflops: float) -> float:

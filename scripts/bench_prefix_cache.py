@@ -153,10 +153,7 @@ def flop_bound(bundle: Path, data: Path) -> dict:
     flops = bench.count_flops(dims, rows, {"layers": layers, "rank": adapter["rank"], "targets": adapter["targets"]},
                               lm_head_at_labels=True)
     frozen = min(layers)
-    per_layer_io = sum(i * o for i, o in bench.linear_shapes(dims).values())
-    causal_square = sum(length * (length + 1) / 2 for length, _ in rows)
-    prefix = frozen * (sum(length for length, _ in rows) * 2 * per_layer_io
-                       + causal_square * 4 * dims["heads"] * dims["head_dim"])
+    prefix = frozen * bench.layer_forward_flops(dims, rows)
     return {"rows": len(rows), "tokens": flops["tokens"], "step_gflop": flops["minimum"] / 1e9,
             "prefix_gflop": prefix / 1e9, "frozen_layers": frozen, "bound": flops["minimum"] / (flops["minimum"] - prefix)}
 

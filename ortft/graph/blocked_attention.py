@@ -108,10 +108,10 @@ class _Emitter:
     def concat(self, parts: list[str]) -> str:
         return self.op("Concat", parts, "concat", axis=0)
 
-    def reduce_sum(self, data: str, axes: list[int], keepdims: int = 1) -> str:
+    def reduce_sum(self, data: str, axes: list[int], keepdims: int = 1, suffix: str = "sum") -> str:
         if self.opset >= 13:
-            return self.op("ReduceSum", [data, self.ints(*axes)], "sum", keepdims=keepdims)
-        return self.op("ReduceSum", [data], "sum", axes=axes, keepdims=keepdims)
+            return self.op("ReduceSum", [data, self.ints(*axes)], suffix, keepdims=keepdims)
+        return self.op("ReduceSum", [data], suffix, axes=axes, keepdims=keepdims)
 
     def unsqueeze(self, data: str, axes: list[int]) -> str:
         if self.opset >= 13:
@@ -257,15 +257,11 @@ def emit_backward(e: _Emitter, layout: _Layout, output_grad: str, output: str, w
     def rows_of(chunks: str) -> str:
         return body.op("Gather", [chunks, index], "rows_of", axis=3)  # [b, kv, groups, rows, x]
 
-    def summed_over_groups(per_group: str, suffix: str) -> str:
-        return body.op("ReduceSum", [per_group, body.ints(2)], suffix, keepdims=0) if body.opset >= 13 \
-            else body.op("ReduceSum", [per_group], suffix, axes=[2], keepdims=0)
-
     grad = rows_of(grad_chunks)  # dO, [b, kv, groups, rows, d]
     carried_out = {}
     if "value" in wanted:  # [b, kv, groups, keys, d], then the groups' sum: [b, kv, keys, d]
         per_group = body.op("MatMul", [body.transpose(probabilities, [0, 1, 2, 4, 3]), grad], "value_grad_per_group")
-        carried_out["value"] = summed_over_groups(per_group, "value_grad")
+        carried_out["value"] = body.reduce_sum(per_group, [2], keepdims=0, suffix="value_grad")
     grad_probabilities = body.op("MatMul", [grad, body.transpose(chunk["value"], [0, 1, 2, 4, 3])], "probs_grad")
     grad_scores = body.op("Mul", [probabilities, body.op("Sub", [grad_probabilities, rows_of(rowsum_chunks)])],
                           "scores_grad")
@@ -274,7 +270,7 @@ def emit_backward(e: _Emitter, layout: _Layout, output_grad: str, output: str, w
         outputs.append(body.op("MatMul", [grad_scores, chunk["key"]], "query_grad"))  # [b, kv, groups, rows, d]
     if "key" in wanted:
         per_group = body.op("MatMul", [body.transpose(grad_scores, [0, 1, 2, 4, 3]), chunk["query"]], "key_grad_per_group")
-        carried_out["key"] = summed_over_groups(per_group, "key_grad")
+        carried_out["key"] = body.reduce_sum(per_group, [2], keepdims=0, suffix="key_grad")
     after = body.op("Sub", [layout.seq, chunk["end"]], "after")
     for name in carried:
         placed = body.pad_axis(carried_out[name], 4, 2, chunk["low"], after)
